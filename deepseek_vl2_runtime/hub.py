@@ -1,0 +1,119 @@
+"""Where the weights come from: an explicit directory, ./weights, or one logged Hugging Face download.
+
+Precedence (first match wins):
+
+1. ``$DEEPSEEK_VL2_WEIGHTS``: a local snapshot directory (tests point it at a tiny checkpoint).
+2. ``./weights`` when it holds files and is not an unfinished download of ours.
+3. ``huggingface_hub.snapshot_download`` of ``$DEEPSEEK_VL2_REPO`` (default
+   ``deepseek-ai/deepseek-vl2-small``) at ``$DEEPSEEK_VL2_REVISION`` (default ``main``) into
+   ``./weights``, with progress bars. An interrupted download is resumed on the next start.
+
+Only the files the runtime reads are fetched (``*.json``, ``*.safetensors``). Nothing here runs at
+import time; the download happens only when ``resolve_weights()`` finds no local snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import CheckpointError
+
+log = logging.getLogger("deepseek_vl2_runtime")
+
+DEFAULT_REPO = "deepseek-ai/deepseek-vl2-small"
+DEFAULT_REVISION = "main"
+DEFAULT_LOCAL_DIR = Path("weights")
+ALLOW_PATTERNS = ["*.json", "*.safetensors"]
+COMPLETE_MARKER = ".download-complete"  # written into local_dir after a successful download
+
+
+class WeightsUnavailableError(CheckpointError):
+    """No local snapshot and the download failed. The message says what to do."""
+
+
+def _is_unfinished_download(local_dir: Path) -> bool:
+    # snapshot_download(local_dir=...) keeps its bookkeeping in .cache/huggingface; without our
+    # marker next to it the last download was interrupted and must be resumed, not loaded.
+    return (local_dir / ".cache" / "huggingface").is_dir() and not (
+        local_dir / COMPLETE_MARKER
+    ).exists()
+
+
+def _has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name != ".cache" for p in directory.iterdir())
+
+
+def resolve_weights(
+    local_dir: str | os.PathLike[str] = DEFAULT_LOCAL_DIR, env: Mapping[str, str] | None = None
+) -> Path:
+    """Return a local snapshot directory, downloading it into ``local_dir`` if needed."""
+    env = os.environ if env is None else env
+    explicit = env.get("DEEPSEEK_VL2_WEIGHTS")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise WeightsUnavailableError(
+                f"DEEPSEEK_VL2_WEIGHTS={explicit!r} is not a directory. Point it at a Hugging Face "
+                "snapshot of deepseek-ai/deepseek-vl2-small (config.json, tokenizer.json, "
+                "*.safetensors), or unset it to use ./weights."
+            )
+        log.info("weights: using DEEPSEEK_VL2_WEIGHTS=%s", path)
+        return path
+    local = Path(local_dir)
+    if _has_files(local) and not _is_unfinished_download(local):
+        log.info("weights: using local snapshot %s", local.resolve())
+        return local
+    repo = env.get("DEEPSEEK_VL2_REPO") or DEFAULT_REPO
+    revision = env.get("DEEPSEEK_VL2_REVISION") or DEFAULT_REVISION
+    return download_weights(local, repo=repo, revision=revision)
+
+
+def download_weights(
+    local_dir: str | os.PathLike[str], repo: str = DEFAULT_REPO, revision: str = DEFAULT_REVISION
+) -> Path:
+    """Download (or resume) ``repo@revision`` into ``local_dir``; raise a helpful error on failure."""
+    from huggingface_hub import snapshot_download  # only needed when downloading
+
+    local = Path(local_dir)
+    log.info(
+        "weights: downloading %s@%s into %s (tens of GB for deepseek-vl2-small; resumable)",
+        repo,
+        revision,
+        local.resolve(),
+    )
+    start = time.perf_counter()
+    try:
+        snapshot_download(repo, revision=revision, local_dir=local, allow_patterns=ALLOW_PATTERNS)
+    except Exception as exc:  # network, auth, offline mode, disk: all end in the same advice
+        raise WeightsUnavailableError(
+            f"Could not download the weights {repo}@{revision} into {local.resolve()}: "
+            f"{type(exc).__name__}: {exc}\n"
+            "To fix: put a Hugging Face snapshot of the model (config.json, tokenizer.json, "
+            "*.safetensors) in ./weights (`make weights` on a machine with network), or set "
+            "DEEPSEEK_VL2_WEIGHTS to a directory holding one; otherwise check the network, "
+            "HF_HUB_OFFLINE, and HF_TOKEN (gated or private repos)."
+        ) from exc
+    (local / COMPLETE_MARKER).write_text(f"{repo}@{revision}\n")
+    log.info("weights: download finished in %.0f s", time.perf_counter() - start)
+    return local
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Download the DeepSeek-VL2 weights for Cog.")
+    parser.add_argument("--dest", default=str(DEFAULT_LOCAL_DIR), help="target directory")
+    parser.add_argument("--repo", default=os.environ.get("DEEPSEEK_VL2_REPO") or DEFAULT_REPO)
+    parser.add_argument(
+        "--revision", default=os.environ.get("DEEPSEEK_VL2_REVISION") or DEFAULT_REVISION
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(download_weights(args.dest, repo=args.repo, revision=args.revision))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Weights resolution: precedence and the offline failure message. No network is used."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+
+from deepseek_vl2_runtime import hub
+from deepseek_vl2_runtime.errors import CheckpointError
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Make any Hub access fail fast: offline mode, and an endpoint nobody listens on."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def fake_download(monkeypatch):
+    """Replace snapshot_download by a recorder that writes a one-file snapshot."""
+    calls = []
+
+    def snapshot_download(repo_id, *, revision, local_dir, allow_patterns, **kwargs):
+        calls.append({"repo_id": repo_id, "revision": revision, "local_dir": local_dir})
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / "config.json").write_text("{}")
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def _snapshot(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_env_var_wins_over_local_weights(tmp_path, fake_download):
+    explicit = _snapshot(tmp_path / "explicit")
+    _snapshot(tmp_path / "weights")
+    got = hub.resolve_weights(tmp_path / "weights", env={"DEEPSEEK_VL2_WEIGHTS": str(explicit)})
+    assert got == explicit
+    assert fake_download == []
+
+
+def test_env_var_that_is_not_a_directory_is_a_clear_error(tmp_path, fake_download):
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match="DEEPSEEK_VL2_WEIGHTS=.*nope.*is not a directory"):
+        hub.resolve_weights(tmp_path / "weights", env={"DEEPSEEK_VL2_WEIGHTS": str(missing)})
+    assert fake_download == []
+
+
+def test_local_weights_used_without_download(tmp_path, fake_download):
+    local = _snapshot(tmp_path / "weights")
+    assert hub.resolve_weights(local, env={}) == local
+    assert fake_download == []
+
+
+def test_default_local_dir_is_relative_to_cwd(tmp_path, monkeypatch, fake_download):
+    monkeypatch.chdir(tmp_path)
+    _snapshot(tmp_path / "weights")
+    assert hub.resolve_weights(env={}).resolve() == (tmp_path / "weights").resolve()
+    assert fake_download == []
+
+
+@pytest.mark.parametrize("state", ["absent", "empty", "unfinished"])
+def test_download_when_no_usable_local_snapshot(tmp_path, fake_download, state):
+    local = tmp_path / "weights"
+    if state != "absent":
+        local.mkdir()
+    if state == "unfinished":  # what an interrupted snapshot_download(local_dir=...) leaves
+        (local / ".cache" / "huggingface").mkdir(parents=True)
+        (local / "config.json").write_text("{}")
+    got = hub.resolve_weights(local, env={})
+    assert got == local
+    assert fake_download == [
+        {"repo_id": "deepseek-ai/deepseek-vl2-small", "revision": "main", "local_dir": local}
+    ]
+    assert (
+        local / hub.COMPLETE_MARKER
+    ).read_text().strip() == "deepseek-ai/deepseek-vl2-small@main"
+
+
+def test_finished_download_is_not_downloaded_again(tmp_path, fake_download):
+    local = tmp_path / "weights"
+    hub.resolve_weights(local, env={})
+    (local / ".cache" / "huggingface").mkdir(parents=True)
+    hub.resolve_weights(local, env={})
+    assert len(fake_download) == 1
+
+
+def test_repo_and_revision_overrides(tmp_path, fake_download):
+    env = {"DEEPSEEK_VL2_REPO": "someone/vl2-fork", "DEEPSEEK_VL2_REVISION": "abc123"}
+    hub.resolve_weights(tmp_path / "weights", env=env)
+    assert fake_download[0]["repo_id"] == "someone/vl2-fork"
+    assert fake_download[0]["revision"] == "abc123"
+
+
+def test_offline_download_fails_with_advice(tmp_path, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.resolve_weights(env={})
+    message = str(info.value)
+    assert "deepseek-ai/deepseek-vl2-small@main" in message
+    for advice in ("./weights", "DEEPSEEK_VL2_WEIGHTS", "HF_TOKEN", "network"):
+        assert advice in message
+    assert not (tmp_path / "weights" / hub.COMPLETE_MARKER).exists()
