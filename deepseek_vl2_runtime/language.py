@@ -1,0 +1,402 @@
+"""DeepseekV2 decoder (the `language.*` half of the checkpoint).
+
+Mirrors `deepseek_vl2/models/modeling_deepseek.py` (official) for the math and the checkpoint
+key names, but is organised for inference: a preallocated KV cache owned by each attention
+module, a `prefill` that runs the whole prompt once, and a fixed-shape one-token `decode` step
+(no host synchronisation, so it can be captured in a CUDA graph).
+
+MLA caches the compressed latent `c` (kv_lora_rank) and the shared rope key side by side in one
+buffer of width kv_lora_rank + qk_rope_head_dim; decode uses the absorbed form (queries are
+mapped into latent space, values read straight from the latent), prefill the decompressed form
+(one fused SDPA call over full keys/values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    """Normalises in float32, multiplies by the weight in the activation dtype (as upstream)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(
+    dim: int, theta: float, max_pos: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_pos, dim] with duplicated halves, computed in fp32 then cast (as upstream)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split (NeoX) rotation. x [..., T, heads, d]; cos/sin [T, d]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[.., d] pairs (x0,x1),(x2,x3).. -> evens then odds: MLA's RoPE is interleaved (GPT-J) RoPE
+    written as a half-split rotation on this permutation (official apply_rotary_pos_emb)."""
+    *lead, d = x.shape
+    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (vl2-small / vl2 base). Keys follow the checkpoint."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.rank = nh, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
+        self.scale = cfg.head_dim**-0.5
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, nh * cfg.head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * cfg.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, h, bias=False)
+        self.cache: torch.Tensor | None = None  # [B, S, rank + rope]: latent ‖ rotated rope key
+
+    def setup_cache(
+        self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.cache = torch.zeros(batch, max_seq, self.rank + self.rope, device=device, dtype=dtype)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = apply_rope(deinterleave(q_pe), cos, sin)  # [B, T, nH, rope]
+        k_pe = apply_rope(deinterleave(k_pe)[:, :, None, :], cos, sin)[:, :, 0]  # [B, T, rope]
+        return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)  # kv entry [B, T, rank + rope]
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the T prompt tokens (positions 0..T-1); fills cache[:, :T]."""
+        b, t, _ = x.shape
+        q_nope, q_pe, kv = self._project(x, cos, sin)
+        self.cache[:b, :t] = kv
+        latent, k_pe = kv.split([self.rank, self.rope], dim=-1)
+        k_nope, v = (
+            self.kv_b_proj(latent).view(b, t, self.n_heads, -1).split([self.nope, self.v_dim], -1)
+        )
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, nH, T, d]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row at position `pos` [1]; attends to cache entries where `mask` [S]."""
+        b = x.shape[0]
+        q_nope, q_pe, kv = self._project(x, cos, sin)
+        self.cache[:b].index_copy_(1, pos, kv)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w[:, : self.nope])  # absorb W_UK
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, nH, 1, rank + rope]
+        kv_all = self.cache[:b, None]  # [B, 1, S, rank + rope], shared by all heads
+        out = F.scaled_dot_product_attention(
+            q,
+            kv_all.expand(-1, self.n_heads, -1, -1),
+            kv_all[..., : self.rank].expand(-1, self.n_heads, -1, -1),
+            attn_mask=mask,
+            scale=self.scale,
+        )  # [B, nH, 1, rank]
+        out = torch.einsum("bhtr,hvr->bthv", out, w[:, self.nope :])  # absorb W_UV
+        return self.o_proj(out.reshape(b, 1, -1))
+
+
+class MHAttention(nn.Module):
+    """Plain multi-head attention (vl2-tiny, `use_mla: false`): Llama attention, half-split RoPE."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.cache: torch.Tensor | None = None  # [2, B, n_kv, S, d]
+
+    def setup_cache(
+        self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.cache = torch.zeros(
+            2, batch, self.n_kv, max_seq, self.head_dim, device=device, dtype=dtype
+        )
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, -1), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv, -1), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, -1).transpose(1, 2)
+        return q, k, v  # [B, heads, T, d]
+
+    def _attend(self, q, k, v, **kw) -> torch.Tensor:
+        b, _, t, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads, **kw)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._project(x, cos, sin)
+        b, t = x.shape[:2]
+        self.cache[0, :b, :, :t] = k
+        self.cache[1, :b, :, :t] = v
+        return self._attend(q, k, v, is_causal=True)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        q, k, v = self._project(x, cos, sin)
+        b = x.shape[0]
+        self.cache[0, :b].index_copy_(2, pos, k)
+        self.cache[1, :b].index_copy_(2, pos, v)
+        return self._attend(q, self.cache[0, :b], self.cache[1, :b], attn_mask=mask)
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP: dense layers, each routed expert and the shared experts."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router, in float32 as upstream. Returns expert ids and weights, [N, top_k] each."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
+        self.top_k, self.method, self.scoring = (
+            cfg.num_experts_per_tok,
+            cfg.topk_method,
+            cfg.scoring_func,
+        )
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+
+    def _keep_top_groups(self, choice: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        """Zero (not -inf, as upstream) every expert outside the topk_group best groups."""
+        n = choice.shape[0]
+        top = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores).scatter_(1, top, 1.0)
+        keep = keep[:, :, None].expand(n, self.n_group, -1).reshape(n, -1)
+        return choice.masked_fill(keep == 0, 0.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        n = scores.shape[0]
+        if self.method == "greedy":
+            choice = scores
+        elif self.method == "group_limited_greedy":
+            grouped = scores.view(n, self.n_group, -1)
+            choice = self._keep_top_groups(scores, grouped.max(dim=-1).values)
+        else:  # noaux_tc: bias steers the choice, weights stay the unbiased scores
+            choice = scores + self.e_score_correction_bias.float()
+            grouped = choice.view(n, self.n_group, -1)
+            choice = self._keep_top_groups(choice, grouped.topk(2, dim=-1).values.sum(-1))
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts.
+
+    Prefill groups tokens by expert and runs each hit expert once (a loop over experts, one host
+    sync for the counts). Decode gathers the selected experts' stacked weights and runs them as
+    one batched matmul: no host sync, fixed shapes. `stack_experts()` builds the stacked weights
+    after loading and turns each expert's parameters into views of them (no second copy).
+    """
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(
+                cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+            )
+        self.w13: torch.Tensor | None = None  # [E, 2*Mi, H]: gate_proj ‖ up_proj
+        self.w2: torch.Tensor | None = None  # [E, H, Mi]
+
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        mi = self.experts[0].gate_proj.weight.shape[0]
+        self.w13 = torch.stack(
+            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]
+        )
+        self.w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        for i, e in enumerate(self.experts):
+            e.gate_proj.weight = nn.Parameter(self.w13[i, :mi], requires_grad=False)
+            e.up_proj.weight = nn.Parameter(self.w13[i, mi:], requires_grad=False)
+            e.down_proj.weight = nn.Parameter(self.w2[i], requires_grad=False)
+
+    def _routed_grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, k, H]: each expert processes all of its tokens at once."""
+        n, k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = x.new_empty(n * k, x.shape[-1])
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                slots = order[start : start + c]
+                out[slots] = self.experts[e](x[slots // k])
+                start += c
+        return out.view(n, k, -1)
+
+    def _routed_gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, k, H] with the selected experts' weights gathered (decode path)."""
+        n, k = ids.shape
+        flat = ids.flatten()
+        xk = x.repeat_interleave(k, dim=0)[:, :, None]  # [N*k, H, 1]
+        gate, up = torch.bmm(self.w13[flat], xk).squeeze(-1).chunk(2, dim=-1)
+        out = torch.bmm(self.w2[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+        return out.view(n, k, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)
+        if self.w13 is not None and flat.shape[0] == 1:
+            routed = self._routed_gathered(flat, ids)
+        else:
+            routed = self._routed_grouped(flat, ids)
+        y = (routed.float() * weights[:, :, None]).sum(dim=1).to(x.dtype).view(shape)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, index: int) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(cfg) if cfg.use_mla else MHAttention(cfg)
+        self.mlp = (
+            MoE(cfg) if cfg.layer_is_moe(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, attend) -> torch.Tensor:
+        x = x + attend(self.self_attn, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    """`language.model.*`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """`language.*`. Call `setup_cache` once after loading; then `prefill` / `decode`."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_seq = 0
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def setup_cache(self, max_seq: int, batch: int = 1) -> None:
+        """Allocate the KV cache and RoPE tables on the model's device and dtype."""
+        p = self.lm_head.weight
+        self.max_seq = max_seq
+        self.cos, self.sin = rope_tables(
+            self.config.rope_dim, self.config.rope_theta, max_seq, p.device, p.dtype
+        )
+        for layer in self.model.layers:
+            layer.self_attn.setup_cache(batch, max_seq, p.device, p.dtype)
+
+    def _run(self, h: torch.Tensor, attend) -> torch.Tensor:
+        for layer in self.model.layers:
+            h = layer(h, attend)
+        return self.model.norm(h)
+
+    def hidden_states(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H] for a prompt starting at position 0; fills the cache."""
+        t = embeds.shape[1]
+        if t > self.max_seq:
+            raise ValueError(f"prompt of {t} tokens exceeds the cache of {self.max_seq}")
+        cos, sin = self.cos[:t], self.sin[:t]
+        return self._run(embeds, lambda attn, x: attn.prefill(x, cos, sin))
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the last position only [B, V]."""
+        return self.lm_head(self.hidden_states(embeds)[:, -1]).float()
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """token [B, 1] ids at position `pos` [1] (a device tensor) -> float32 logits [B, V]."""
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (torch.arange(self.max_seq, device=pos.device) <= pos)[None]  # [1, S]
+        h = self._run(
+            self.model.embed_tokens(token), lambda attn, x: attn.decode(x, cos, sin, pos, mask)
+        )
+        return self.lm_head(h[:, -1]).float()
