@@ -25,7 +25,7 @@ from .generation import generate_tokens
 from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
 from .model import DeepseekVL2
 from .sampling import SamplingParams
-from .weights import load_model
+from .weights import load_model, verify_snapshot
 
 log = logging.getLogger("deepseek_vl2_runtime")
 
@@ -178,6 +178,7 @@ class Pipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         start = time.perf_counter()
+        verify_snapshot(path)
         tokenizer = Tokenizer.from_dir(path)
         model = load_model(path, device, dtype)
         log.info("loaded %s on %s/%s in %.2f s", path, device, dtype, time.perf_counter() - start)

@@ -12,7 +12,7 @@ SHARED_GOLDEN = REPO_ROOT.parent / "shared" / "golden"
 
 def tiny_checkpoint() -> Path | None:
     """The tiny MLA checkpoint (random weights, 1024-token tokenizer), or None if absent."""
-    for candidate in (TESTS_DATA / "tiny-mla", SHARED_GOLDEN / "cases" / "mla" / "model"):
+    for candidate in (TESTS_DATA / "golden" / "cases" / "mla" / "model", SHARED_GOLDEN / "cases" / "mla" / "model"):
         if (candidate / "config.json").is_file():
             return candidate
     return None
@@ -20,7 +20,7 @@ def tiny_checkpoint() -> Path | None:
 
 def golden_image(name: str = "img_640x480.png") -> Path | None:
     """One of the shared golden input images, or None if the shared folder is absent."""
-    for candidate in (TESTS_DATA / name, SHARED_GOLDEN / "inputs" / name):
+    for candidate in (TESTS_DATA / "golden" / "inputs" / name, SHARED_GOLDEN / "inputs" / name):
         if candidate.is_file():
             return candidate
     return None

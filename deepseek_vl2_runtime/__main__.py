@@ -1,0 +1,117 @@
+"""Command line: `python -m deepseek_vl2_runtime generate --weights DIR [--image PATH ...] --prompt TEXT`.
+
+Streams the answer to stdout as it is generated; `--json` prints one JSON object on one line
+instead (prompt/output token ids, text, parsed grounding boxes, counts, seed); `--annotate OUT.png`
+draws the grounding boxes on the last image (the one the official demo draws on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from .errors import CheckpointError, InputError
+from .grounding import draw_grounding, parse_grounding
+from .image_io import load_image
+from .pipeline import Pipeline
+from .sampling import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deepseek_vl2_runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="answer one prompt about zero or more images")
+    gen.add_argument("--weights", required=True, help="checkpoint directory (Hugging Face layout)")
+    gen.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    gen.add_argument("--prompt", required=True, help="question; <image> tags place the images")
+    d = SamplingParams()
+    gen.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=d.top_p)
+    gen.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    gen.add_argument("--seed", type=int, default=None, help="random if omitted (reported)")
+    gen.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming")
+    gen.add_argument("--annotate", metavar="OUT.png", help="draw grounding boxes on the last image")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    images = [load_image(p) for p in args.image]
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    pipe = Pipeline.load(args.weights, args.device, DTYPES.get(args.dtype))
+    start = time.perf_counter()
+    stream = pipe.stream(args.prompt, images, params)
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if not args.json:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    text = "".join(chunks)
+    objects = parse_grounding(text)
+    if args.annotate:
+        if not images:
+            raise InputError("--annotate needs an --image to draw on")
+        draw_grounding(images[-1], objects).save(args.annotate)
+    if args.json:
+        size = images[-1].size if images else None
+        result = {
+            "text": text,
+            "prompt_token_ids": stream.prompt_token_ids,
+            "output_token_ids": stream.token_ids,
+            "prompt_token_count": stream.prompt_token_count,
+            "output_token_count": stream.output_token_count,
+            "finish_reason": stream.finish_reason,
+            "seed": stream.seed,
+            "time_to_first_token_s": stream.time_to_first_token_s,
+            "total_s": elapsed,
+            "grounding": [
+                {
+                    "label": o.label,
+                    "boxes": [[b.x1, b.y1, b.x2, b.y2] for b in o.boxes],
+                    "boxes_px": [list(b.to_pixels(*size)) for b in o.boxes] if size else None,
+                }
+                for o in objects
+            ],
+        }
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    print(
+        f"[{stream.prompt_token_count} prompt tokens, {stream.output_token_count} new tokens, "
+        f"finish={stream.finish_reason}, seed={stream.seed}, {elapsed:.2f} s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return generate(args)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
