@@ -1,0 +1,142 @@
+"""Cog adapter for DeepSeek-VL2-small: setup() loads the runtime once, predict() streams the answer.
+
+All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. User
+mistakes surface as `InputError` (a failed prediction with that message); cancellation arrives
+as `CancelationException` and stops generation through `stream.close()`.
+"""
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
+
+from deepseek_vl2_runtime.hub import resolve_weights
+from deepseek_vl2_runtime.image_io import load_image
+from deepseek_vl2_runtime.pipeline import Pipeline
+from deepseek_vl2_runtime.sampling import SamplingParams
+from deepseek_vl2_runtime.weights import verify_snapshot
+
+log = logging.getLogger("deepseek_vl2_runtime.cog")
+
+IMAGES = "image/*"
+EXTRA_IMAGE = (
+    "Optional additional image. The prompt's <image> tags are matched to the images in order "
+    "(image, image_2, image_3); tags missing from the prompt are prepended."
+)
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        runtime_log = logging.getLogger("deepseek_vl2_runtime")
+        if not runtime_log.handlers:  # the Cog worker configures no logging; show ours
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            runtime_log.addHandler(handler)
+            runtime_log.setLevel(logging.INFO)
+        start = time.perf_counter()
+        weights = resolve_weights()
+        verify_snapshot(weights)
+        self.pipe = Pipeline.load(weights)
+        log.info(
+            "ready: %s on %s/%s in %.1f s",
+            weights,
+            self.pipe.device,
+            self.pipe.dtype,
+            time.perf_counter() - start,
+        )
+
+    @streaming
+    def predict(
+        self,
+        image: Path = Input(  # noqa: B008 (cog declares inputs this way)
+            description="Image to ask about (PNG, JPEG, WebP, GIF, BMP or TIFF).", accept=IMAGES
+        ),
+        prompt: str = Input(
+            description="Question or instruction about the image(s). Grounding: "
+            "'<|ref|>the red car<|/ref|>' locates an object; '<|grounding|>' asks for boxes "
+            "in the answer, which keeps '<|ref|>..<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>' "
+            "tags with coordinates on a 0-999 grid."
+        ),
+        temperature: float = Input(
+            default=0.1, ge=0, le=1, description="Sampling temperature; 0 = greedy decoding."
+        ),
+        top_p: float = Input(
+            default=0.9,
+            ge=0,
+            le=1,
+            description="Nucleus sampling: keep the smallest set of "
+            "tokens whose probability adds up to top_p (1 = off).",
+        ),
+        repetition_penalty: float = Input(
+            default=1.1,
+            ge=0,
+            le=2,
+            description="Penalty for repeating tokens (1 = none, "
+            "higher = less repetition). Must be greater than 0.",
+        ),
+        max_length_tokens: int = Input(
+            default=2048,
+            ge=0,
+            le=4096,
+            description="Maximum number of new tokens to generate "
+            "(the prompt plus the answer must fit in the 4096-token context).",
+        ),
+        top_k: int = Input(
+            default=50,
+            ge=0,
+            le=1000,
+            description="Sample only from the k most likely tokens (0 = off).",
+        ),
+        seed: int | None = Input(
+            default=None,
+            ge=0,
+            description="Random seed for sampling; random if not set; the seed "
+            "used is logged. Same seed + inputs = same answer.",
+        ),
+        image_2: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),  # noqa: B008
+        image_3: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),  # noqa: B008
+    ) -> ConcatenateIterator[str]:
+        # Everything that can be the user's fault (parameters, images, <image> tags, context) is
+        # checked before the first token, so a bad request fails with the InputError message.
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,  # validate() rejects <= 0 (schema allows 0)
+            max_new_tokens=max_length_tokens,
+            seed=seed,
+        )
+        params.validate()
+        # A non-URL string reaches predict() as a plain str, not a cog.Path: str() covers both.
+        images = [load_image(str(p)) for p in (image, image_2, image_3) if p is not None]
+        start = time.perf_counter()
+        stream = self.pipe.stream(prompt, images, params)
+        current_scope().record_metric("input_token_count", stream.prompt_token_count)
+        return self._generate(stream, start)
+
+    def _generate(self, stream, start: float) -> Iterator[str]:
+        try:
+            yield from stream
+        finally:  # also on CancelationException / client disconnect: stop generating now
+            stream.close()
+            elapsed = time.perf_counter() - start
+            ttft = stream.time_to_first_token_s
+            scope = current_scope()
+            scope.record_metric("output_token_count", stream.output_token_count)
+            if ttft is not None:
+                scope.record_metric("time_to_first_token", ttft)
+            n, decode_s = stream.output_token_count, elapsed - (ttft or 0.0)
+            tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0  # decode speed
+            log.info(
+                "prompt_tokens=%d output_tokens=%d seed=%d finish=%s ttft=%s total=%.2fs "
+                "decode_tokens/s=%.1f",
+                stream.prompt_token_count,
+                n,
+                stream.seed,
+                stream.finish_reason,
+                "-" if ttft is None else f"{ttft:.3f}s",
+                elapsed,
+                tps,
+            )
