@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     gen.add_argument("--seed", type=int, default=None, help="random if omitted (reported)")
     gen.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    gen.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming")
     gen.add_argument("--annotate", metavar="OUT.png", help="draw grounding boxes on the last image")
     return parser
@@ -105,7 +107,9 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         return generate(args)
     except (InputError, CheckpointError) as e:

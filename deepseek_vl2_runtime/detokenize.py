@@ -8,6 +8,8 @@ chunks concatenate to exactly `tokenizer.decode(all_ids)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from .chat_template import Tokenizer
 
 REPLACEMENT = "\ufffd"
@@ -56,3 +58,19 @@ class StripEnds:
         body = text.rstrip()
         self.held = text[len(body) :]
         return body
+
+
+def answer_chunks(tokenizer: Tokenizer, tokens: Iterable[int], eos_id: int) -> Iterator[str]:
+    """The user-facing answer as it streams: text of every id before end-of-sentence (which is
+    not shown), special tokens such as grounding tags kept, the whole answer whitespace-stripped.
+    Nothing else is removed. Concatenated, the chunks equal decode(ids).strip()."""
+    decoder, strip = IncrementalDecoder(tokenizer), StripEnds()
+    for token in tokens:
+        if token == eos_id:
+            break
+        text = strip.feed(decoder.push(token))
+        if text:
+            yield text
+    text = strip.feed(decoder.flush())
+    if text:
+        yield text

@@ -230,10 +230,10 @@ class MoEGate(nn.Module):
 
     def _keep_top_groups(self, choice: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
         """Zero (not -inf, as upstream) every expert outside the topk_group best groups."""
-        n = choice.shape[0]
+        n, n_experts = choice.shape
         top = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
         keep = torch.zeros_like(group_scores).scatter_(1, top, 1.0)
-        keep = keep[:, :, None].expand(n, self.n_group, -1).reshape(n, -1)
+        keep = keep[:, :, None].expand(n, self.n_group, n_experts // self.n_group).reshape(n, -1)
         return choice.masked_fill(keep == 0, 0.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .chat_template import ASSISTANT, IMAGE_TAG, PAD, USER, Tokenizer, Turn, build_prompt
-from .detokenize import IncrementalDecoder, StripEnds
+from .detokenize import answer_chunks
 from .errors import CheckpointError, InputError
 from .generation import generate_tokens
 from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
@@ -102,7 +102,7 @@ class TextStream(Iterator[str]):
         params: SamplingParams,
         max_new: int,
         started: float,
-    ):
+    ) -> None:
         self.prompt_token_ids: list[int] = request.input_ids.tolist()
         self.prompt_token_count = request.num_tokens
         self.output_token_count = 0  # generated ids, end-of-sentence included
@@ -111,40 +111,37 @@ class TextStream(Iterator[str]):
         self.time_to_first_token_s: float | None = None
         self.token_ids: list[int] = []  # answer ids, end-of-sentence excluded
         self._started = started
-        self._context_limited = max_new < params.max_new_tokens
-        self._chunks = self._run(pipeline, request, params, max_new)
+        self._limit_reason = "context" if max_new < params.max_new_tokens else "length"
+        self._eos = pipeline.tokenizer.eos_id
+        self._context = pipeline.max_context
+        tokens = self._count(pipeline.generate_ids(request, params, max_new))
+        self._chunks = answer_chunks(pipeline.tokenizer, tokens, self._eos)
 
-    def _run(
-        self, pipeline: Pipeline, request: EncodedRequest, params: SamplingParams, max_new: int
-    ):
-        decoder, strip = IncrementalDecoder(pipeline.tokenizer), StripEnds()
-        eos = pipeline.tokenizer.eos_id
-        finish = "context" if self._context_limited else "length"
-        for token in pipeline.generate_ids(request, params, max_new):
+    def _count(self, tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
             if self.time_to_first_token_s is None:
                 self.time_to_first_token_s = time.perf_counter() - self._started
             self.output_token_count += 1
-            if token == eos:
-                finish = "eos"
-                break
-            self.token_ids.append(token)
-            text = strip.feed(decoder.push(token))
-            if text:
-                yield text
-        text = strip.feed(decoder.flush())
-        self.finish_reason = finish
-        if finish == "context":
-            log.warning(
-                "generation stopped at the end of the model's context (%d tokens): prompt %d + answer %d",
-                pipeline.max_context,
-                self.prompt_token_count,
-                self.output_token_count,
-            )
-        if text:
-            yield text
+            if token == self._eos:
+                self.finish_reason = "eos"
+            else:
+                self.token_ids.append(token)
+            yield token
 
     def __next__(self) -> str:
-        return next(self._chunks)
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            if self.finish_reason is None:
+                self.finish_reason = self._limit_reason
+                if self._limit_reason == "context":
+                    log.warning(
+                        "generation stopped at the end of the model's context (%d tokens): prompt %d + answer %d",
+                        self._context,
+                        self.prompt_token_count,
+                        self.output_token_count,
+                    )
+            raise
 
     def close(self) -> None:
         """Stop generating (cancellation); safe to call more than once."""
