@@ -34,14 +34,16 @@ def generate_tokens(
     device = embeds.device
     seen = torch.zeros(lm.config.vocab_size, dtype=torch.bool, device=device)
     seen[prompt_ids] = True
-    pos = torch.tensor([embeds.shape[1]], device=device)
+    length = embeds.shape[1]  # filled cache entries, tracked on the host
+    pos = torch.tensor([length], device=device)
     logits = lm.prefill(embeds)[0]
     for step in range(max_new_tokens):
         token = sample(logits, seen, params, generator)
         last = step == max_new_tokens - 1
         if not last:  # queue the next step before reading the token back
             seen[token] = True
-            logits = lm.decode(token.view(1, 1), pos)[0]
+            length += 1
+            logits = lm.decode(token.view(1, 1), pos, length)[0]
             pos += 1
         token_id = int(token)
         yield token_id

@@ -13,11 +13,23 @@ mapped into latent space, values read straight from the latent), prefill the dec
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Which cache entries a decode step attends to: the first `length` (eager: the host knows
+    the length, so nothing else is read), or all of them under a boolean `mask` [1, S] built on
+    the device (fixed shapes, for CUDA-graph capture)."""
+
+    length: int | None = None
+    mask: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -119,29 +131,25 @@ class MLAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def decode(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        pos: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, span: Span
     ) -> torch.Tensor:
-        """One token per row at position `pos` [1]; attends to cache entries where `mask` [S]."""
+        """One token per row at position `pos` [1], attending to the cache entries in `span`.
+
+        Absorbed form: the query is mapped into latent space, so each head is one row of a
+        [nH, rank + rope] x [rank + rope, S] product against the shared latent cache."""
         b = x.shape[0]
         q_nope, q_pe, kv = self._project(x, cos, sin)
         self.cache[:b].index_copy_(1, pos, kv)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
-        q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w[:, : self.nope])  # absorb W_UK
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, nH, 1, rank + rope]
-        kv_all = self.cache[:b, None]  # [B, 1, S, rank + rope], shared by all heads
-        out = F.scaled_dot_product_attention(
-            q,
-            kv_all.expand(-1, self.n_heads, -1, -1),
-            kv_all[..., : self.rank].expand(-1, self.n_heads, -1, -1),
-            attn_mask=mask,
-            scale=self.scale,
-        )  # [B, nH, 1, rank]
-        out = torch.einsum("bhtr,hvr->bthv", out, w[:, self.nope :])  # absorb W_UV
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, : self.nope])  # absorb W_UK
+        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [B, nH, rank + rope]
+        cache = self.cache[:b, : span.length]  # [B, S, rank + rope]
+        scores = torch.bmm(q, cache.transpose(1, 2)) * self.scale  # [B, nH, S]
+        if span.mask is not None:
+            scores = scores.masked_fill(~span.mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(x.dtype)
+        out = torch.bmm(probs, cache[..., : self.rank])  # [B, nH, rank]
+        out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
         return self.o_proj(out.reshape(b, 1, -1))
 
 
@@ -185,18 +193,14 @@ class MHAttention(nn.Module):
         return self._attend(q, k, v, is_causal=True)
 
     def decode(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        pos: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, span: Span
     ) -> torch.Tensor:
         q, k, v = self._project(x, cos, sin)
         b = x.shape[0]
         self.cache[0, :b].index_copy_(2, pos, k)
         self.cache[1, :b].index_copy_(2, pos, v)
-        return self._attend(q, self.cache[0, :b], self.cache[1, :b], attn_mask=mask)
+        keys, values = self.cache[0, :b, :, : span.length], self.cache[1, :b, :, : span.length]
+        return self._attend(q, keys, values, attn_mask=span.mask)
 
 
 class MLP(nn.Module):
@@ -392,11 +396,19 @@ class DeepseekV2ForCausalLM(nn.Module):
         """Float32 logits of the last position only [B, V]."""
         return self.lm_head(self.hidden_states(embeds)[:, -1]).float()
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """token [B, 1] ids at position `pos` [1] (a device tensor) -> float32 logits [B, V]."""
+    def decode(
+        self, token: torch.Tensor, pos: torch.Tensor, length: int | None = None
+    ) -> torch.Tensor:
+        """token [B, 1] ids at position `pos` [1] (a device tensor) -> float32 logits [B, V].
+
+        `length` = pos + 1 when the caller knows it on the host (eager decode then reads only the
+        filled part of the cache); None attends over the whole cache under a device-side mask."""
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (torch.arange(self.max_seq, device=pos.device) <= pos)[None]  # [1, S]
+        if length is None:
+            span = Span(mask=(torch.arange(self.max_seq, device=pos.device) <= pos)[None])
+        else:
+            span = Span(length=length)
         h = self._run(
-            self.model.embed_tokens(token), lambda attn, x: attn.decode(x, cos, sin, pos, mask)
+            self.model.embed_tokens(token), lambda attn, x: attn.decode(x, cos, sin, pos, span)
         )
         return self.lm_head(h[:, -1]).float()
