@@ -15,8 +15,34 @@ from .language import DeepseekV2ForCausalLM
 from .sampling import SamplingParams, sample
 
 
+class DecodeStep:
+    """`lm.decode` as the token loop calls it.
+
+    Eager, it reads only the filled part of the cache. Compiled (`torch.compile`, fixed shapes:
+    the whole cache under a device-side mask), it is one fused program; on CUDA the
+    "reduce-overhead" mode also captures it as a CUDA graph, so a step costs one launch.
+    Compilation happens on the first call; `Pipeline.load(compile=True)` warms it up.
+    """
+
+    def __init__(self, lm: DeepseekV2ForCausalLM, compile: bool = False) -> None:
+        self.lm = lm
+        self.compiled = None
+        if compile:
+            cuda = lm.lm_head.weight.device.type == "cuda"
+            mode = "reduce-overhead" if cuda else "default"
+            self.compiled = torch.compile(lm.decode, fullgraph=True, dynamic=False, mode=mode)
+            self._mark_step = torch.compiler.cudagraph_mark_step_begin if cuda else None
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        if self.compiled is None:
+            return self.lm.decode(token, pos, length)
+        if self._mark_step is not None:
+            self._mark_step()
+        return self.compiled(token, pos)
+
+
 def generate_tokens(
-    lm: DeepseekV2ForCausalLM,
+    step: DecodeStep,
     embeds: torch.Tensor,
     prompt_ids: torch.Tensor,
     params: SamplingParams,
@@ -31,19 +57,20 @@ def generate_tokens(
     """
     if max_new_tokens <= 0:
         return
+    lm = step.lm
     device = embeds.device
     seen = torch.zeros(lm.config.vocab_size, dtype=torch.bool, device=device)
     seen[prompt_ids] = True
     length = embeds.shape[1]  # filled cache entries, tracked on the host
     pos = torch.tensor([length], device=device)
     logits = lm.prefill(embeds)[0]
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, seen, params, generator)
-        last = step == max_new_tokens - 1
+        last = i == max_new_tokens - 1
         if not last:  # queue the next step before reading the token back
             seen[token] = True
             length += 1
-            logits = lm.decode(token.view(1, 1), pos, length)[0]
+            logits = step(token.view(1, 1), pos, length)[0]
             pos += 1
         token_id = int(token)
         yield token_id

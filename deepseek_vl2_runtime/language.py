@@ -93,7 +93,9 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(nh * self.v_dim, h, bias=False)
-        self.cache: torch.Tensor | None = None  # [B, S, rank + rope]: latent ‖ rotated rope key
+        # [B, S, rank + rope]: latent ‖ rotated rope key. A buffer (not saved) so that compiled
+        # decode may update it in place inside a captured CUDA graph.
+        self.register_buffer("cache", None, persistent=False)
 
     def setup_cache(
         self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
@@ -164,7 +166,7 @@ class MHAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
-        self.cache: torch.Tensor | None = None  # [2, B, n_kv, S, d]
+        self.register_buffer("cache", None, persistent=False)  # [2, B, n_kv, S, d]
 
     def setup_cache(
         self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
@@ -366,8 +368,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.model = DeepseekV2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq = 0
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.register_buffer("cos", None, persistent=False)  # [max_seq, rope_dim]
+        self.register_buffer("sin", None, persistent=False)
 
     def setup_cache(self, max_seq: int, batch: int = 1) -> None:
         """Allocate the KV cache and RoPE tables on the model's device and dtype."""

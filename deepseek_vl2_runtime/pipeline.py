@@ -21,7 +21,7 @@ from PIL import Image
 from .chat_template import ASSISTANT, IMAGE_TAG, PAD, USER, Tokenizer, Turn, build_prompt
 from .detokenize import answer_chunks
 from .errors import CheckpointError, InputError
-from .generation import generate_tokens
+from .generation import DecodeStep, generate_tokens
 from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
 from .model import DeepseekVL2
 from .sampling import SamplingParams
@@ -151,8 +151,11 @@ class TextStream(Iterator[str]):
 
 
 class Pipeline:
-    def __init__(self, model: DeepseekVL2, tokenizer: Tokenizer, tiling: TilingConfig) -> None:
+    def __init__(
+        self, model: DeepseekVL2, tokenizer: Tokenizer, tiling: TilingConfig, compile: bool = False
+    ) -> None:
         self.model, self.tokenizer, self.tiling = model, tokenizer, tiling
+        self.decode_step = DecodeStep(model.language, compile)
         self.device = model.image_newline.device
         self.dtype = model.image_newline.dtype
         self.config = model.config
@@ -170,7 +173,10 @@ class Pipeline:
         path: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> Pipeline:
+        """Load once. `compile=True` compiles the decode step (CUDA graphs on GPU) and warms it
+        up here, so that the first request is as fast as the tenth."""
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -179,7 +185,23 @@ class Pipeline:
         tokenizer = Tokenizer.from_dir(path)
         model = load_model(path, device, dtype)
         log.info("loaded %s on %s/%s in %.2f s", path, device, dtype, time.perf_counter() - start)
-        return cls(model, tokenizer, _tiling_config(path, model))
+        pipe = cls(model, tokenizer, _tiling_config(path, model), compile)
+        if compile:
+            start = time.perf_counter()
+            pipe.warm_up()
+            log.info(
+                "compiled and warmed up the decode step in %.1f s", time.perf_counter() - start
+            )
+        return pipe
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the decode step a few times (compiles / captures it). Touches only cache slot 0,
+        which every prefill overwrites."""
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        for _ in range(3):
+            self.decode_step(token, pos, 1)
 
     # -- exact official semantics -------------------------------------------------------------
 
@@ -226,7 +248,7 @@ class Pipeline:
         with torch.inference_mode():
             embeds = self.embed(request)
             yield from generate_tokens(
-                self.model.language,
+                self.decode_step,
                 embeds,
                 request.input_ids,
                 params,
