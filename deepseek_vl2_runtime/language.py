@@ -127,9 +127,12 @@ class MLAttention(nn.Module):
         )
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, nH, T, d]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # Fused SDPA kernels (flash on CPU and GPU) need one head width for q, k and v: pad v
+        # with zeros to the q/k width (its extra output columns are zero) and cut them off.
+        v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         out = F.scaled_dot_product_attention(
             q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
-        )
+        )[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def decode(
