@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
 
-from deepseek_vl2_runtime.hub import resolve_weights
+from deepseek_vl2_runtime.hub import resolve_verified_weights
 from deepseek_vl2_runtime.image_io import load_image
 from deepseek_vl2_runtime.pipeline import Pipeline
 from deepseek_vl2_runtime.sampling import SamplingParams
-from deepseek_vl2_runtime.weights import verify_snapshot
 
 log = logging.getLogger("deepseek_vl2_runtime.cog")
 
@@ -36,8 +35,7 @@ class Predictor(BasePredictor):
             runtime_log.addHandler(handler)
             runtime_log.setLevel(logging.INFO)
         start = time.perf_counter()
-        weights = resolve_weights()
-        verify_snapshot(weights)
+        weights = resolve_verified_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
         self.pipe = Pipeline.load(weights)
         log.info(
             "ready: %s on %s/%s in %.1f s",

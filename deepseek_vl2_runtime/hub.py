@@ -32,8 +32,29 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors"]
 COMPLETE_MARKER = ".download-complete"  # written into local_dir after a successful download
 
 
+ADVICE = (
+    "To fix: put a Hugging Face snapshot of the model (config.json, tokenizer.json, "
+    "*.safetensors) in ./weights (`make weights` on a machine with network), or set "
+    "DEEPSEEK_VL2_WEIGHTS to a directory holding one"
+)
+
+
 class WeightsUnavailableError(CheckpointError):
     """No local snapshot and the download failed. The message says what to do."""
+
+
+def resolve_verified_weights(
+    local_dir: str | os.PathLike[str] = DEFAULT_LOCAL_DIR, env: Mapping[str, str] | None = None
+) -> Path:
+    """`resolve_weights`, then `weights.verify_snapshot`; a failure names the fix as well."""
+    from .weights import verify_snapshot
+
+    path = resolve_weights(local_dir, env)
+    try:
+        verify_snapshot(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\n{ADVICE}.") from exc
+    return path
 
 
 def _is_unfinished_download(local_dir: Path) -> bool:
@@ -92,10 +113,7 @@ def download_weights(
     except Exception as exc:  # network, auth, offline mode, disk: all end in the same advice
         raise WeightsUnavailableError(
             f"Could not download the weights {repo}@{revision} into {local.resolve()}: "
-            f"{type(exc).__name__}: {exc}\n"
-            "To fix: put a Hugging Face snapshot of the model (config.json, tokenizer.json, "
-            "*.safetensors) in ./weights (`make weights` on a machine with network), or set "
-            "DEEPSEEK_VL2_WEIGHTS to a directory holding one; otherwise check the network, "
+            f"{type(exc).__name__}: {exc}\n{ADVICE}; otherwise check the network, "
             "HF_HUB_OFFLINE, and HF_TOKEN (gated or private repos)."
         ) from exc
     (local / COMPLETE_MARKER).write_text(f"{repo}@{revision}\n")

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+
 from paths import REPO_ROOT
 
 PORT_LINE = re.compile(r"Starting coglet server on 127\.0\.0\.1:(\d+)")
@@ -61,7 +62,11 @@ class CogServer:
             COG_PREDICT_TYPE_STUB="predict.py:Predictor",
             HF_HUB_OFFLINE="1",  # tests never download
             PYTHONUNBUFFERED="1",
+            # One intra-op thread: on a small shared CI box torch's spinning thread pool makes the
+            # tiny model ~20x slower under load (conftest.py does the same for pytest itself).
+            OMP_NUM_THREADS="1",
         )
+        env.pop("DEEPSEEK_VL2_WEIGHTS", None)
         if self.weights is not None:
             env["DEEPSEEK_VL2_WEIGHTS"] = str(self.weights)
         env.update(self.extra_env)

@@ -12,7 +12,10 @@ SHARED_GOLDEN = REPO_ROOT.parent / "shared" / "golden"
 
 def tiny_checkpoint() -> Path | None:
     """The tiny MLA checkpoint (random weights, 1024-token tokenizer), or None if absent."""
-    for candidate in (TESTS_DATA / "golden" / "cases" / "mla" / "model", SHARED_GOLDEN / "cases" / "mla" / "model"):
+    for candidate in (
+        TESTS_DATA / "golden" / "cases" / "mla" / "model",
+        SHARED_GOLDEN / "cases" / "mla" / "model",
+    ):
         if (candidate / "config.json").is_file():
             return candidate
     return None

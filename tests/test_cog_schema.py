@@ -10,6 +10,7 @@ import sys
 import jsonschema
 import pytest
 import yaml
+
 from paths import REPO_ROOT, TESTS_DATA
 
 SCHEMA_FILE = REPO_ROOT / ".cog" / "openapi_schema.json"
