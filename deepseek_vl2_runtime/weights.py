@@ -113,9 +113,15 @@ def load_model(
     with torch.device("meta"):
         model = DeepseekVL2(config)
     _read_into(model, safetensors_files(path), device, dtype)
+    return prepare_for_inference(model, max_seq)
+
+
+def prepare_for_inference(model: DeepseekVL2, max_seq: int | None = None) -> DeepseekVL2:
+    """The steps after the weights are in place: inference mode, stacked experts (decode path),
+    KV cache and RoPE tables for `max_seq` positions (default: the model's context)."""
     model.eval().requires_grad_(False)
     for module in model.modules():
         if isinstance(module, MoE):
             module.stack_experts()
-    model.language.setup_cache(max_seq or config.language_config.max_position_embeddings)
+    model.language.setup_cache(max_seq or model.config.language_config.max_position_embeddings)
     return model
