@@ -99,6 +99,31 @@ def test_optional_inputs_are_nullable_and_not_required(inputs):
     assert props["prompt"]["type"] == "string" and "default" not in props["prompt"]
 
 
+# The published model's inputs (lucataco/cog-deepseek-vl2 predict.py), which clients rely on.
+LEGACY_INPUTS = {
+    "image": {"type": "string", "format": "uri"},
+    "prompt": {"type": "string"},
+    "temperature": {"type": "number", "default": 0.1, "minimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "default": 0.9, "minimum": 0, "maximum": 1},
+    "repetition_penalty": {"type": "number", "default": 1.1, "minimum": 0, "maximum": 2},
+    "max_length_tokens": {"type": "integer", "default": 2048, "minimum": 0, "maximum": 4096},
+}
+
+
+def test_backwards_compatible_with_the_published_inputs(inputs):
+    """cog-safe-push's rules: no removed inputs, no type or default changes, no narrower
+    ranges, no new required inputs, and the old inputs keep their order."""
+    props = inputs["properties"]
+    for name, old in LEGACY_INPUTS.items():
+        new = props[name]
+        for key in ("type", "format", "default"):
+            assert new.get(key) == old.get(key), (name, key)
+        assert new.get("minimum", float("-inf")) <= old.get("minimum", float("-inf")), name
+        assert new.get("maximum", float("inf")) >= old.get("maximum", float("inf")), name
+    assert set(inputs["required"]) <= {"image", "prompt"}
+    assert list(props)[: len(LEGACY_INPUTS)] == list(LEGACY_INPUTS)
+
+
 def test_every_input_has_a_title_and_a_description(inputs):
     for name, prop in inputs["properties"].items():
         assert prop["title"], name

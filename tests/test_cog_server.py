@@ -305,7 +305,9 @@ def test_cancel_while_streaming_and_unknown_ids(server, image_url):
     assert requests.post(server.url + "/predictions/nope/cancel", timeout=5).status_code == 404
     body = {
         "id": "sse-cancel",
-        "input": {"image": image_url, "prompt": "Go on forever.", "max_length_tokens": 4096},
+        # seed 3: this prompt runs to the length limit (checked by the async test above)
+        "input": {"image": image_url, "prompt": "Count to ten thousand.", "seed": 3}
+        | {"max_length_tokens": 4096},
     }
     headers = {"Accept": "text/event-stream"}
     with ThreadPoolExecutor(1) as pool:
