@@ -14,7 +14,7 @@ from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, 
 
 from deepseek_vl2_runtime.hub import resolve_verified_weights
 from deepseek_vl2_runtime.image_io import load_image
-from deepseek_vl2_runtime.pipeline import Pipeline
+from deepseek_vl2_runtime.pipeline import Pipeline, TextStream
 from deepseek_vl2_runtime.sampling import SamplingParams
 
 log = logging.getLogger("deepseek_vl2_runtime.cog")
@@ -114,7 +114,7 @@ class Predictor(BasePredictor):
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
         return self._generate(stream, start)
 
-    def _generate(self, stream, start: float) -> Iterator[str]:
+    def _generate(self, stream: TextStream, start: float) -> Iterator[str]:
         try:
             yield from stream
         finally:  # also on CancelationException / client disconnect: stop generating now

@@ -8,8 +8,10 @@ Precedence (first match wins):
    ``deepseek-ai/deepseek-vl2-small``) at ``$DEEPSEEK_VL2_REVISION`` (default ``main``) into
    ``./weights``, with progress bars. An interrupted download is resumed on the next start.
 
-Only the files the runtime reads are fetched (``*.json``, ``*.safetensors``). Nothing here runs at
-import time; the download happens only when ``resolve_weights()`` finds no local snapshot.
+``resolve_verified_weights()`` (what predict.py's setup calls) adds ``verify_snapshot`` and, on
+any failure, a message saying how to fix it. Only the files the runtime reads are fetched
+(``*.json``, ``*.safetensors``). Nothing runs at import time; the download happens only when
+no local snapshot is found. ``python -m deepseek_vl2_runtime.hub`` (``make weights``) downloads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import CheckpointError
+from .weights import verify_snapshot
 
 log = logging.getLogger("deepseek_vl2_runtime")
 
@@ -30,8 +33,6 @@ DEFAULT_REVISION = "main"
 DEFAULT_LOCAL_DIR = Path("weights")
 ALLOW_PATTERNS = ["*.json", "*.safetensors"]
 COMPLETE_MARKER = ".download-complete"  # written into local_dir after a successful download
-
-
 ADVICE = (
     "To fix: put a Hugging Face snapshot of the model (config.json, tokenizer.json, "
     "*.safetensors) in ./weights (`make weights` on a machine with network), or set "
@@ -47,8 +48,6 @@ def resolve_verified_weights(
     local_dir: str | os.PathLike[str] = DEFAULT_LOCAL_DIR, env: Mapping[str, str] | None = None
 ) -> Path:
     """`resolve_weights`, then `weights.verify_snapshot`; a failure names the fix as well."""
-    from .weights import verify_snapshot
-
     path = resolve_weights(local_dir, env)
     try:
         verify_snapshot(path)
