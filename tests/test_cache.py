@@ -54,7 +54,8 @@ def test_moe_gathered_path_equals_grouped_path(pipe) -> None:
 
 def test_bfloat16_on_cpu_stays_close_to_float32(mla_pipeline) -> None:
     """The GPU dtype on CPU: greedy text is produced and last logits stay within 0.25 of fp32
-    (measured max ~0.1 for logits of std ~3: bf16 has 8 mantissa bits)."""
+    (scripts/parity_report.py measured at most 0.157 over all golden inputs, for logits of
+    std ~3: bf16 keeps 8 mantissa bits)."""
     bf16 = Pipeline.load(MLA_MODEL, device="cpu", dtype=torch.bfloat16)
     image = Image.open(golden_image("img_640x480.png")).convert("RGB")
     prompt = "<image>\nWhat is in this picture?"
