@@ -45,7 +45,7 @@ def place_images(prompt: str, n_images: int) -> str:
     n_tags = prompt.count(IMAGE_TAG)
     if n_tags > n_images:
         raise InputError(
-            f"the prompt has {n_tags} <image> tags but {n_images} image(s) were given; "
+            f"The prompt has {n_tags} <image> tags but {n_images} image(s) were given; "
             "remove the extra tags or add images"
         )
     return (IMAGE_TAG + "\n") * (n_images - n_tags) + prompt
@@ -212,7 +212,7 @@ class Pipeline:
         turns = [Turn(conversation)] if isinstance(conversation, str) else list(conversation)
         n_tags = sum(t.user.count(IMAGE_TAG) for t in turns)
         if n_tags != len(images):
-            raise InputError(f"the prompt has {n_tags} <image> tags for {len(images)} image(s)")
+            raise InputError(f"The prompt has {n_tags} <image> tags for {len(images)} image(s)")
         batch = preprocess(images, self.tiling)
         counts = [num_image_tokens(c, self.tiling.tokens_per_side) for c in batch.crops]
         prompt = build_prompt(self.tokenizer, turns, counts)
@@ -260,7 +260,7 @@ class Pipeline:
     def _check_fits(self, request: EncodedRequest) -> None:
         if request.num_tokens >= self.max_context:
             raise InputError(
-                f"the prompt is {request.num_tokens} tokens ({request.num_image_tokens} of them for images) "
+                f"The prompt is {request.num_tokens} tokens ({request.num_image_tokens} of them for images) "
                 f"but the model's context is {self.max_context} tokens; shorten the prompt or send "
                 "fewer/smaller images"
             )
@@ -269,18 +269,18 @@ class Pipeline:
 
     def validate_prompt(self, prompt: str) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty; ask a question or describe the task")
+            raise InputError("The prompt is empty; ask a question or describe the task.")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InputError(
-                f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
+                f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
                 f"(the model's context is {self.max_context} tokens)"
             )
         if "\x00" in prompt:
-            raise InputError("the prompt contains NUL characters (\\x00); remove them")
+            raise InputError("The prompt contains NUL characters (\\x00); remove them")
         found = [t for t in self._forbidden if t in prompt]
         if found:
             raise InputError(
-                f"the prompt contains the model's control token(s) {found}, which would forge a "
+                f"The prompt contains the model's control token(s) {found}, which would forge a "
                 "conversation turn; remove them (grounding tags like <|ref|> are fine)"
             )
 

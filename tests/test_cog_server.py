@@ -219,10 +219,10 @@ def test_missing_required_input_gets_422(server):
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"prompt": "<image> vs <image>"}, "the prompt has 2 <image> tags but 1 image(s)"),
+        ({"prompt": "<image> vs <image>"}, "The prompt has 2 <image> tags but 1 image(s)"),
         ({"image": "data:image/png;base64,iVBORw0KGgoAAAA="}, "image"),
         ({"repetition_penalty": 0}, "repetition_penalty=0 is invalid"),
-        ({"prompt": " "}, "the prompt is empty"),
+        ({"prompt": " "}, "The prompt is empty"),
     ],
 )
 def test_user_error_fails_the_prediction_then_the_next_succeeds(server, image_url, inputs, message):
