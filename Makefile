@@ -1,13 +1,23 @@
-# Common tasks for the DeepSeek-VL2 Cog model. Override PYTHON to use another interpreter.
-PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
-# The coglet server spawns its worker as `python` from PATH: put this interpreter's bin first.
-PY_BIN := $(shell $(PYTHON) -c 'import os, sys; print(os.path.dirname(os.path.abspath(sys.executable)))')
+# Common tasks for the DeepSeek-VL2 Cog model. Everything runs in ./.venv, which the first
+# target that needs it creates from scratch (scripts/setup_venv.sh).
+PYTHON := .venv/bin/python
+# The coglet server spawns its worker as `python` from PATH: put the venv's bin first.
+PY_BIN := $(CURDIR)/.venv/bin
 PORT ?= 5000
 HOST ?= 127.0.0.1
+# `make predict`: the weights directory (downloaded into ./weights when absent), the image and
+# the prompt. Try it without the real weights: WEIGHTS=tests/data/golden/cases/mla/model
+WEIGHTS ?= weights
+IMAGE ?= tests/data/golden/inputs/img_640x480.png
+PROMPT ?= Find all the <|ref|>red rectangle<|/ref|>
+ARGS ?=
 
-.PHONY: help weights schema schema-check test test-cog lint format serve
+.PHONY: help setup predict weights schema schema-check test test-cog lint format serve bench
 
 help:
+	@echo "make setup         create ./.venv with every dependency (CPU torch on CPU hosts)"
+	@echo "make predict       answer PROMPT about IMAGE with WEIGHTS (streams the text)"
+	@echo "make bench         benchmark (tiny checkpoint on CPU unless BENCH_ARGS says otherwise)"
 	@echo "make weights       download deepseek-ai/deepseek-vl2-small into ./weights (resumable)"
 	@echo "make schema        regenerate .cog/openapi_schema.json from predict.py"
 	@echo "make schema-check  fail if the committed schema is stale"
@@ -15,23 +25,36 @@ help:
 	@echo "make lint          ruff check + format check"
 	@echo "make serve         run the Cog HTTP server (coglet) on \$$HOST:\$$PORT without Docker"
 
-weights:
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt requirements-dev.txt scripts/setup_venv.sh
+	scripts/setup_venv.sh
+
+predict: setup
+	@if [ "$(WEIGHTS)" = weights ] && [ ! -f weights/config.json ]; then $(MAKE) --no-print-directory weights; fi
+	$(PYTHON) -m deepseek_vl2_runtime generate --weights "$(WEIGHTS)" --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
+
+BENCH_ARGS ?= --weights tests/data/golden/cases/mla/model --device cpu --threads 1
+bench: setup
+	$(PYTHON) -m deepseek_vl2_runtime.bench $(BENCH_ARGS)
+
+weights: setup
 	$(PYTHON) -m deepseek_vl2_runtime.hub --dest weights
 
-schema:
+schema: setup
 	$(PYTHON) scripts/cog_schema.py
 
-schema-check:
+schema-check: setup
 	$(PYTHON) scripts/cog_schema.py --check
 
-test:
+test: setup
 	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q
 
-test-cog:
+test-cog: setup
 	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q tests/test_cog_schema.py tests/test_cog_server.py \
 		tests/test_predict.py tests/test_hub.py
 
-lint:
+lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
