@@ -70,7 +70,10 @@ def _read_into(
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     # safetensors can place tensors directly on a CUDA device; for CPU it reads from the mmap.
-    open_device = str(device) if device.type == "cuda" else "cpu"
+    open_device = "cpu"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        open_device = f"cuda:{index}"
     for f in files:
         try:
             handle = safe_open(f, framework="pt", device=open_device)
