@@ -1,0 +1,718 @@
+"""Benchmark: load, preprocessing, time to first token, decode speed and its memory-bandwidth bound.
+
+    python -m deepseek_vl2_runtime.bench (--weights DIR | --random small) --device cpu|cuda
+        [--dtype bfloat16|float32] [--threads N] [--image PATH ...] [--new-tokens N]
+        [--repeats N] [--seed N] [--compile] [--json]
+
+`--random small` builds vl2-small's real shapes (reference spec §1.3) with seeded random weights
+drawn on the device, so the GPU path can be measured without a download; it is refused, before
+allocating, where the device cannot hold it. A table goes to stderr (stdout without --json);
+with --json the last stdout line is one JSON object:
+  per image ("WxH" generated, "file:WxH" for --image): preprocess_ms, prompt_tokens,
+    time_to_first_token_ms, ttft_breakdown_ms {preprocess, vision, prefill, sample, total};
+  decode_ms (load_image per file); load_s, compile_s; decode_image, new_tokens,
+  decode_intervals, decode_ms_per_token (median), decode_ms_per_token_mean, decode_tokens_per_s,
+  first_token_via_generate_ms; peak_memory_mb (+ _kind), peak_memory_mb_long_request and
+  long_request_tokens (CUDA); weights_bytes_per_token, memory_bandwidth_gbps,
+  bound_tokens_per_s, bound_fraction (CUDA; null on CPU, where labelled host_memcpy_* stand in);
+  device, device_name, dtype, threads, compile, torch_version, config, seeds, repeats, sampling;
+  official_cpu_reference (quoted from the golden README: tiny mla checkpoint, CPU, 1 thread).
+
+Method: fixed seeds, one warm-up, medians over `--repeats` (at most 3 for images above 4 MP).
+Timings are host `perf_counter` reads after `torch.cuda.synchronize()` on CUDA. Decode runs the
+production loop (`generate_tokens`, product sampling defaults, end-of-sentence ignored) for
+exactly N tokens on the first image; its figure is the median interval between yielded ids.
+The bound is the bytes of weights one decode step must read (from the config, no KV cache)
+over the device bandwidth measured in the same run by a large device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import LanguageConfig, VL2Config
+from .generation import DecodeStep, generate_tokens
+from .image_io import load_image
+from .image_processing import TilingConfig, num_image_tokens, preprocess
+from .model import DeepseekVL2
+from .pipeline import EncodedRequest, Pipeline, default_dtype
+from .sampling import SamplingParams, sample
+from .weights import prepare_for_inference
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SIZES = ((384, 384), (640, 480), (1024, 768), (4032, 3024))
+JPEG_SIZE = (4032, 3024)
+DECODE_SIZE = (640, 480)
+BIG_IMAGE_PIXELS = 4_000_000
+PROMPT = "Describe this image."
+
+# vl2-small's config.json (reference spec §1.2-1.3); the 23 candidate resolutions are all
+# (384m, 384n) with m*n <= 9, in the config's order (ties depend on it).
+_TILES = [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (2, 2), (1, 5), (5, 1), (1, 6)]
+_TILES += [(6, 1), (2, 3), (3, 2), (1, 7), (7, 1), (1, 8), (8, 1), (2, 4), (4, 2), (1, 9), (9, 1)]
+_TILES += [(3, 3)]
+# fmt: off
+SMALL_CONFIG = {
+    "model_type": "deepseek_vl_v2", "tile_tag": "2D", "global_view_pos": "head",
+    "candidate_resolutions": [[384 * m, 384 * n] for m, n in _TILES],
+    "vision_config": {
+        "model_name": "siglip_so400m_patch14_384", "image_size": 384, "patch_size": 14,
+        "width": 1152, "layers": 27, "heads": 16, "mlp_ratio": 3.7362,
+    },
+    "projector_config": {
+        "projector_type": "downsample_mlp_gelu", "input_dim": 1152, "n_embed": 2048, "depth": 2,
+        "mlp_ratio": 1, "downsample_ratio": 2,
+    },
+    "language_config": {
+        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "use_mla": True, "q_lora_rank": None, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
+        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "n_group": 1, "topk_group": 1, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+}
+# fmt: on
+# Stand-in prompt ids for --random (vl2-small's tokenizer ids; the text ids are arbitrary):
+# BOS "<|User|>" ":" " " <image>*n "\n" text "\n" "\n" "<|Assistant|>" ":".
+BOS, USER, ASSISTANT, IMAGE, COLON, SPACE, NEWLINE = 100000, 100009, 100010, 100003, 25, 207, 185
+TEXT_IDS = (41800, 437, 3324, 13)
+
+# Quoted from /work/shared/golden/README.md ("Official code, float32, CPU, 1 torch thread").
+OFFICIAL_CPU_REFERENCE = {
+    "source": "quoted from the golden README (official DeepSeek-VL2 code, float32, CPU, 1 "
+    "thread, the same 2-core machine); NOT measured in this run",
+    "decode_ms_per_token": [2.75, 2.96],
+    "decode_model_forward_ms": 2.35,
+    "prefill_ms_640x480": [172, 205],
+    "prefill_note": "embeds + forward until token 1, processor excluded: compare with "
+    "time_to_first_token_ms minus preprocess_ms",
+    "preprocess_ms": {"640x480": 21, "4032x3024": 189},
+    "decode_ms": {"4032x3024": [107, 123]},
+    "peak_rss_mb": 600,
+}
+TINY_MLA = {"hidden_size": 64, "num_hidden_layers": 3, "vocab_size": 1024, "kv_lora_rank": 32}
+
+
+def small_config() -> VL2Config:
+    return VL2Config.from_dict(SMALL_CONFIG)
+
+
+# -- what a decode step must read -----------------------------------------------------------
+
+
+def active_params_per_token(cfg: LanguageConfig) -> int:
+    """Weights one decode step reads: embedding row, per layer norms + attention + (dense MLP |
+    router + top-k routed + shared experts), final norm, lm_head."""
+    h = cfg.hidden_size
+    if cfg.use_mla:
+        qd = cfg.num_attention_heads * cfg.head_dim
+        q = h * qd if cfg.q_lora_rank is None else cfg.q_lora_rank * (h + 1 + qd)
+        attn = q + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+        attn += cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        attn += cfg.num_attention_heads * cfg.v_head_dim * h
+    else:
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        attn = 2 * h * h + 2 * h * kv
+    total = h + h + cfg.vocab_size * h  # embedding row, final norm, lm_head
+    for layer in range(cfg.num_hidden_layers):
+        total += 2 * h + attn
+        if cfg.layer_is_moe(layer):
+            total += cfg.n_routed_experts * h  # router
+            total += 3 * h * cfg.moe_intermediate_size * cfg.num_experts_per_tok
+            total += 3 * h * cfg.moe_intermediate_size * (cfg.n_shared_experts or 0)
+        else:
+            total += 3 * h * cfg.intermediate_size
+    return total
+
+
+def weights_bytes_per_token(cfg: LanguageConfig, dtype: torch.dtype) -> int:
+    return active_params_per_token(cfg) * dtype.itemsize
+
+
+# -- device helpers ---------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def estimate_bytes(model: DeepseekVL2, dtype: torch.dtype) -> int:
+    """Weights + KV cache + RoPE tables + the largest transient of `stack_experts` + 2 GiB for
+    activations (a 4096-token prefill)."""
+    lc = model.config.language_config
+    weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    per_pos = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.hidden_size
+    cache = lc.num_hidden_layers * lc.max_position_embeddings * (per_pos + 2 * lc.rope_dim)
+    stacked = 3 * (lc.n_routed_experts or 0) * lc.hidden_size * lc.moe_intermediate_size
+    return weights + (cache + stacked) * dtype.itemsize + 2 * 2**30
+
+
+@torch.no_grad()
+def init_random_(model: DeepseekVL2, generator: torch.Generator) -> None:
+    """Seeded values drawn on the device: N/sqrt(fan_in) weights, 1+0.1N norm weights, 0.02N
+    biases, N(0,1) embeddings and the two learned vectors, 0.5N position embeddings."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.normal_(0.0, 0.02, generator=generator)
+        elif p.ndim == 1 and name.endswith("weight"):  # RMSNorm / LayerNorm
+            p.normal_(1.0, 0.1, generator=generator)
+        elif name == "vision.pos_embed":
+            p.normal_(0.0, 0.5, generator=generator)
+        elif p.ndim == 1 or name.endswith("embed_tokens.weight"):
+            p.normal_(0.0, 1.0, generator=generator)
+        else:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
+
+
+def random_model(
+    config: VL2Config, device: torch.device, dtype: torch.dtype, seed: int
+) -> DeepseekVL2:
+    """vl2-small shapes with random weights, built on the meta device, then allocated and filled
+    on `device` (no host copy). Exits with a message first if it cannot fit."""
+    with torch.device("meta"):
+        model = DeepseekVL2(config)
+    need, have = estimate_bytes(model, dtype), available_bytes(device)
+    if need > have:
+        n_params = sum(p.numel() for p in model.parameters())
+        raise SystemExit(
+            f"--random small needs about {need / 2**30:.1f} GiB on {device} "
+            f"({n_params / 1e9:.1f} B parameters in {dtype_name(dtype)}, KV cache, activations) "
+            f"but only {have / 2**30:.1f} GiB is available; use a GPU (--device cuda) with more "
+            "memory, or --weights with a smaller checkpoint"
+        )
+    model = model.to(dtype).to_empty(device=device)  # dtype first: no float32 allocation
+    init_random_(model, torch.Generator(device).manual_seed(seed))
+    return prepare_for_inference(model)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- the model under test ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What the benchmark drives: the model, its decode step and its request encoder."""
+
+    model: DeepseekVL2
+    step: DecodeStep
+    encode: Callable[[Sequence[Image.Image]], EncodedRequest]
+    load_s: float
+    compile_s: float | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_newline.device
+
+
+class _TimedPipeline(Pipeline):
+    """Pipeline whose warm-up (compilation) is timed, so that load and compile times are apart."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compile_s: float | None = None
+
+    def warm_up(self) -> None:
+        sync(self.device)
+        start = time.perf_counter()
+        super().warm_up()
+        sync(self.device)
+        self.compile_s = time.perf_counter() - start
+
+
+def load_weights(
+    path: str, device: torch.device, dtype: torch.dtype, compile: bool
+) -> tuple[Runtime, VL2Config]:
+    sync(device)
+    start = time.perf_counter()
+    pipe = _TimedPipeline.load(path, device, dtype, compile=compile)
+    sync(device)
+    total = time.perf_counter() - start
+    compile_s = pipe.compile_s
+
+    def encode(images: Sequence[Image.Image]) -> EncodedRequest:
+        return pipe.encode("<image>\n" * len(images) + PROMPT, images)
+
+    runtime = Runtime(pipe.model, pipe.decode_step, encode, total - (compile_s or 0.0), compile_s)
+    return runtime, pipe.config
+
+
+def load_random(
+    device: torch.device, dtype: torch.dtype, compile: bool, seed: int
+) -> tuple[Runtime, VL2Config]:
+    config = small_config()
+    sync(device)
+    start = time.perf_counter()
+    model = random_model(config, device, dtype, seed)
+    sync(device)
+    load_s = time.perf_counter() - start
+    tiling = TilingConfig(config.candidate_resolutions, config.tokens_per_side)
+
+    def encode(images: Sequence[Image.Image]) -> EncodedRequest:
+        batch = preprocess(images, tiling)
+        ids, mask = [BOS, USER, COLON, SPACE], [False] * 4
+        for crop in batch.crops:
+            n = num_image_tokens(crop, tiling.tokens_per_side)
+            ids += [IMAGE] * n + [NEWLINE]
+            mask += [True] * n + [False]
+        tail = [*TEXT_IDS, NEWLINE, NEWLINE, ASSISTANT, COLON]
+        ids, mask = ids + tail, mask + [False] * len(tail)
+        return EncodedRequest(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            image_mask=torch.tensor(mask, dtype=torch.bool, device=device),
+            images=batch,
+        )
+
+    step, compile_s = DecodeStep(model.language, compile), None
+    if compile:  # as Pipeline.warm_up: cache slot 0 only, which every prefill overwrites
+        start = time.perf_counter()
+        with torch.inference_mode():  # inference tensors, as in generate_tokens (no recompile)
+            token = torch.zeros(1, 1, dtype=torch.long, device=device)
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+            for _ in range(3):
+                step(token, pos, 1)
+        sync(device)
+        compile_s = time.perf_counter() - start
+    return Runtime(model, step, encode, load_s, compile_s), config
+
+
+def embed(model: DeepseekVL2, request: EncodedRequest) -> torch.Tensor:
+    """Mirrors Pipeline.embed: pixels to the device, vision + projector + layout + scatter."""
+    pixels = request.images.pixels.to(model.image_newline.device)
+    return model.embed(request.input_ids, request.image_mask, pixels, list(request.images.crops))
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
+    """Deterministic RGB image: colour gradients plus seeded noise (some texture for JPEG).
+    Built in uint8 throughout, so a 12 MP image does not raise the process's peak memory."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 191, width).astype(np.uint8)[None, :]
+    y = np.linspace(0, 191, height).astype(np.uint8)[:, None]
+    image = rng.integers(0, 64, size=(height, width, 3), dtype=np.uint8)
+    image[..., 0] += x
+    image[..., 1] += y
+    image[..., 2] += x // 2 + (191 - y) // 2
+    return Image.fromarray(image, "RGB")
+
+
+def size_key(image: Image.Image) -> str:
+    return f"{image.width}x{image.height}"
+
+
+# -- measurements -----------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Milliseconds of `fn()`, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def first_token_stages(
+    rt: Runtime, image: Image.Image, params: SamplingParams, seed: int
+) -> dict[str, float]:
+    """Request start to the first sampled id on the host, stage by stage (ms)."""
+    lm, device = rt.model.language, rt.device
+    with torch.inference_mode():
+        preprocess_ms, request = timed(lambda: rt.encode([image]), device)
+        vision_ms, embeds = timed(lambda: embed(rt.model, request), device)
+        prefill_ms, logits = timed(lambda: lm.prefill(embeds)[0], device)
+
+        def first_id() -> int:
+            seen = torch.zeros(lm.config.vocab_size, dtype=torch.bool, device=device)
+            seen[request.input_ids] = True
+            generator = torch.Generator(device).manual_seed(seed)
+            return int(sample(logits, seen, params, generator))
+
+        sample_ms, _ = timed(first_id, device)
+    stages = {
+        "preprocess": preprocess_ms,
+        "vision": vision_ms,
+        "prefill": prefill_ms,
+        "sample": sample_ms,
+    }
+    return {**stages, "total": sum(stages.values())}
+
+
+def decode_run(
+    rt: Runtime, image: Image.Image, n: int, params: SamplingParams, seed: int
+) -> tuple[float, list[float]]:
+    """One request through `generate_tokens`, exactly n ids (end-of-sentence ignored).
+
+    Returns (ms from request start to the first yielded id, the ms intervals between yields).
+    The last interval is dropped: on a synchronous device (CPU) `generate_tokens` runs step i+1
+    before yielding id i, so the final yield follows no decode step."""
+    device = rt.device
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        request = rt.encode([image])
+        embeds = embed(rt.model, request)
+        generator = torch.Generator(device).manual_seed(seed)
+        stamps = [
+            time.perf_counter()
+            for _ in generate_tokens(rt.step, embeds, request.input_ids, params, -1, n, generator)
+        ]
+    if len(stamps) != n:
+        raise RuntimeError(f"generate_tokens yielded {len(stamps)} ids, expected {n}")
+    intervals = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)][:-1]
+    return (stamps[0] - start) * 1e3, intervals
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int, repeats: int = 7) -> float:
+    """2 x bytes / time of a device-to-device copy (read + write), median of `repeats`."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            begin.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def _median(values: Sequence[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "use_mla")
+CONFIG_KEYS += ("kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "n_shared_experts")
+CONFIG_KEYS += ("vocab_size",)
+
+
+def measure_file_decode(
+    jpeg: bytes, paths: Sequence[str], repeats: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, Image.Image]]:
+    """`load_image` ms for the 4032x3024 JPEG and each --image file; the files, decoded."""
+    decode_ms, decoded = {}, {}
+    files = [(f"{JPEG_SIZE[0]}x{JPEG_SIZE[1]}", jpeg)]
+    files += [(Path(p).name, Path(p).read_bytes()) for p in paths]
+    for i, (name, data) in enumerate(files):
+        image = load_image(data)  # warm-up
+        if i:
+            name = f"{name}:{size_key(image)}"
+            decoded[name] = image
+        times = [timed(lambda d=data: load_image(d), device)[0] for _ in range(repeats)]
+        decode_ms[name] = _median(times)
+    return decode_ms, decoded
+
+
+def measure_images(
+    rt: Runtime, images: dict[str, Image.Image], params: SamplingParams, seed: int, repeats: int
+) -> dict:
+    """Per image: preprocessing + prompt building alone, and time to first token by stage."""
+    out = {"preprocess_ms": {}, "prompt_tokens": {}, "time_to_first_token_ms": {}}
+    out["ttft_breakdown_ms"] = {}
+    for key, image in images.items():
+        n = min(repeats, 3) if image.width * image.height > BIG_IMAGE_PIXELS else repeats
+        out["prompt_tokens"][key] = rt.encode([image]).num_tokens  # and warm-up
+        times = [timed(lambda im=image: rt.encode([im]), rt.device)[0] for _ in range(n)]
+        out["preprocess_ms"][key] = _median(times)
+        first_token_stages(rt, image, params, seed)  # warm-up
+        runs = [first_token_stages(rt, image, params, seed) for _ in range(n)]
+        out["time_to_first_token_ms"][key] = _median([r["total"] for r in runs])
+        out["ttft_breakdown_ms"][key] = {k: _median([r[k] for r in runs]) for k in runs[0]}
+    return out
+
+
+def measure_decode(
+    rt: Runtime, image: Image.Image, n: int, params: SamplingParams, seed: int, repeats: int
+) -> dict:
+    decode_run(rt, image, min(n, 16), params, seed)  # warm-up
+    first_yield, intervals = [], []
+    for _ in range(repeats):
+        first, steps = decode_run(rt, image, n, params, seed)
+        first_yield.append(first)
+        intervals += steps
+    per_token = statistics.median(intervals)
+    return {
+        "new_tokens": n,
+        "decode_intervals": len(intervals),
+        "decode_ms_per_token": round(per_token, 4),
+        "decode_ms_per_token_mean": round(statistics.fmean(intervals), 4),
+        "decode_tokens_per_s": round(1e3 / per_token, 2),
+        "first_token_via_generate_ms": _median(first_yield),
+    }
+
+
+def measure_long_request(
+    rt: Runtime, image: Image.Image, params: SamplingParams, seed: int
+) -> dict:
+    """CUDA peak memory of a ~4096-token request (two tiled 4032x3024 images, 16 new tokens)."""
+    request = rt.encode([image, image])
+    room = rt.model.language.max_seq - request.num_tokens
+    out = {"long_request_tokens": request.num_tokens, "peak_memory_mb_long_request": None}
+    if room > 1:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        with torch.inference_mode():
+            embeds = embed(rt.model, request)
+            generator = torch.Generator(rt.device).manual_seed(seed)
+            ids = request.input_ids
+            for _ in generate_tokens(rt.step, embeds, ids, params, -1, min(16, room), generator):
+                pass
+        sync(rt.device)
+        out["peak_memory_mb_long_request"] = round(peak_memory_mb(rt.device), 1)
+    return out
+
+
+def measure_bound(device: torch.device, bytes_per_token: int, tokens_per_s: float) -> dict:
+    """Decode bound = copy bandwidth / weight bytes per step (on CPU a labelled host figure)."""
+    if device.type == "cuda":
+        gbps = copy_bandwidth_gbps(device, min(2**30, torch.cuda.mem_get_info(device)[0] // 4))
+        bound = gbps * 1e9 / bytes_per_token
+        return {
+            "memory_bandwidth_gbps": round(gbps, 1),
+            "bound_tokens_per_s": round(bound, 2),
+            "bound_fraction": round(tokens_per_s / bound, 4),
+        }
+    gbps = copy_bandwidth_gbps(device, 256 * 2**20)
+    bound = gbps * 1e9 / bytes_per_token
+    return {
+        "memory_bandwidth_gbps": None,
+        "bound_tokens_per_s": None,
+        "bound_fraction": None,
+        "host_memcpy_gbps": round(gbps, 2),
+        "host_memcpy_bound_tokens_per_s": round(bound, 1),
+        "host_memcpy_bound_fraction": round(tokens_per_s / bound, 6),
+        "host_memcpy_note": "CPU: bandwidth of a host tensor copy with the same thread count; "
+        "a rough roofline, not a device bound",
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+    seed, repeats = args.seed, args.repeats
+    if args.weights:
+        rt, config = load_weights(args.weights, device, dtype, args.compile)
+    else:
+        rt, config = load_random(device, dtype, args.compile, seed)
+    lc = config.language_config
+    params = SamplingParams(seed=seed)
+
+    generated = [synthetic_image(w, h, seed + i) for i, (w, h) in enumerate(SIZES)]
+    images = {size_key(image): image for image in generated}
+    big = images[f"{JPEG_SIZE[0]}x{JPEG_SIZE[1]}"]
+    jpeg = io.BytesIO()
+    big.save(jpeg, "JPEG", quality=90)
+    decode_ms, user_images = measure_file_decode(jpeg.getvalue(), args.image, repeats, device)
+    images |= user_images
+    decode_key = next(iter(user_images), f"{DECODE_SIZE[0]}x{DECODE_SIZE[1]}")
+    per_image = measure_images(rt, images, params, seed, repeats)
+    if per_image["prompt_tokens"][decode_key] + args.new_tokens > rt.model.language.max_seq:
+        raise SystemExit(f"the prompt of {decode_key} + {args.new_tokens} tokens exceed the cache")
+    decode = measure_decode(rt, images[decode_key], args.new_tokens, params, seed, repeats)
+    peak = round(peak_memory_mb(device), 1)
+    long_request = {"long_request_tokens": None, "peak_memory_mb_long_request": None}
+    if device.type == "cuda":
+        long_request = measure_long_request(rt, big, params, seed)
+
+    bytes_per_token = weights_bytes_per_token(lc, dtype)
+    summary = {k: getattr(lc, k) for k in CONFIG_KEYS}
+    summary |= {
+        "vision_layers": config.vision_config.layers,
+        "vision_width": config.vision_config.width,
+        "total_params": sum(p.numel() for p in rt.model.parameters()),
+        "active_params_per_token": active_params_per_token(lc),
+    }
+    seeds = {"images": [seed + i for i in range(len(SIZES))], "sampling": seed}
+    result = {
+        "schema": "deepseek_vl2_runtime.bench/1",
+        "source": f"weights:{args.weights}" if args.weights else f"random:{args.random}",
+        "device": device.type,
+        "device_name": device_name(device),
+        "dtype": dtype_name(dtype),
+        "threads": torch.get_num_threads(),
+        "compile": args.compile,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "config": summary,
+        "seeds": seeds if args.weights else seeds | {"model_init": seed},
+        "repeats": repeats,
+        "repeats_big_images": min(repeats, 3),
+        "warmup_runs": 1,
+        "sampling": dataclasses.asdict(params),
+        "load_s": round(rt.load_s, 3),
+        "compile_s": None if rt.compile_s is None else round(rt.compile_s, 3),
+        "decode_ms": decode_ms,
+        **per_image,
+        "decode_image": decode_key,
+        **decode,
+        "peak_memory_mb": peak,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
+        **long_request,
+        "weights_bytes_per_token": bytes_per_token,
+        **measure_bound(device, bytes_per_token, decode["decode_tokens_per_s"]),
+    }
+    tiny_mla = lc.use_mla and all(getattr(lc, k) == v for k, v in TINY_MLA.items())
+    if args.weights and tiny_mla and device.type == "cpu" and torch.get_num_threads() == 1:
+        result["official_cpu_reference"] = OFFICIAL_CPU_REFERENCE
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"DeepSeek-VL2 benchmark: {r['source']}  {r['device']} ({r['device_name']}) "
+        f"{r['dtype']}  threads {r['threads']}  compile {r['compile']}  torch {r['torch_version']}",
+        f"load {r['load_s']:.3f} s"
+        + (f"   compile+warm-up {r['compile_s']:.1f} s" if r["compile_s"] is not None else ""),
+        f"{'image':<22}{'tokens':>7}{'preproc':>10}{'vision':>10}{'prefill':>10}{'sample':>9}"
+        f"{'TTFT':>10}  (ms, median)",
+    ]
+    for key, ttft in r["time_to_first_token_ms"].items():
+        b = r["ttft_breakdown_ms"][key]
+        lines.append(
+            f"{key:<22}{r['prompt_tokens'][key]:>7}{r['preprocess_ms'][key]:>10.2f}"
+            f"{b['vision']:>10.2f}{b['prefill']:>10.2f}{b['sample']:>9.2f}{ttft:>10.2f}"
+        )
+    for key, ms in r["decode_ms"].items():
+        lines.append(f"file decode (load_image) {key}: {ms:.2f} ms")
+    lines += [
+        f"decode {r['decode_image']}, {r['new_tokens']} tokens x {r['repeats']} runs: "
+        f"{r['decode_ms_per_token']:.3f} ms/token median ({r['decode_ms_per_token_mean']:.3f} mean), "
+        f"{r['decode_tokens_per_s']:.1f} tokens/s; first id via generate_tokens "
+        f"{r['first_token_via_generate_ms']:.2f} ms",
+        f"weights read per token {r['weights_bytes_per_token'] / 1e6:.3f} MB; peak memory "
+        f"{r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
+    ]
+    if r["memory_bandwidth_gbps"] is not None:
+        lines.append(
+            f"bandwidth {r['memory_bandwidth_gbps']} GB/s -> bound {r['bound_tokens_per_s']} "
+            f"tokens/s; achieved {100 * r['bound_fraction']:.1f} %"
+        )
+        if r["peak_memory_mb_long_request"] is not None:
+            lines.append(
+                f"peak memory, {r['long_request_tokens']}-token request: "
+                f"{r['peak_memory_mb_long_request']:.0f} MB"
+            )
+    else:
+        lines.append(
+            f"[CPU, host memcpy, not a device bound] {r['host_memcpy_gbps']} GB/s -> "
+            f"{r['host_memcpy_bound_tokens_per_s']} tokens/s; achieved "
+            f"{100 * r['host_memcpy_bound_fraction']:.3f} %"
+        )
+    ref = r.get("official_cpu_reference")
+    if ref:
+        lines.append(
+            f"official CPU reference (quoted from the golden README, not measured now): decode "
+            f"{ref['decode_ms_per_token'][0]}-{ref['decode_ms_per_token'][1]} ms/token, prefill "
+            f"{ref['prefill_ms_640x480'][0]}-{ref['prefill_ms_640x480'][1]} ms (640x480, "
+            f"processor excluded), processor {ref['preprocess_ms']['640x480']} ms (640x480) / "
+            f"{ref['preprocess_ms']['4032x3024']} ms (4032x3024), peak RSS ~{ref['peak_rss_mb']} MB"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deepseek_vl2_runtime.bench")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="checkpoint directory (Hugging Face layout)")
+    source.add_argument(
+        "--random", choices=["small"], help="vl2-small shapes, seeded random weights"
+    )
+    parser.add_argument("--device", required=True, choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 cuda, fp32 cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--image",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="image file(s) to add; the first is decoded (default: a generated 640x480 image)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=256, help="decode length (default 256)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs (default 5; big images 3)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="images, random weights, sampling")
+    parser.add_argument("--compile", action="store_true", help="compiled decode step")
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.new_tokens < 3 or args.repeats < 1:
+        raise SystemExit("--new-tokens must be >= 3 and --repeats >= 1")
+    result = run(args)
+    table = format_table(result)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(result))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The benchmark CLI: a smoke run on the tiny checkpoint (keys and consistency, no timing
+thresholds), the decode-bytes model of vl2-small computed independently from the module tree, and
+the refusal of `--random small` where it cannot fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_vl2_runtime import bench
+from deepseek_vl2_runtime.bench import (
+    SIZES,
+    available_bytes,
+    estimate_bytes,
+    random_model,
+    small_config,
+    weights_bytes_per_token,
+)
+from deepseek_vl2_runtime.config import VL2Config
+from deepseek_vl2_runtime.image_processing import num_image_tokens, select_best_resolution
+from deepseek_vl2_runtime.language import MoE
+from deepseek_vl2_runtime.model import DeepseekVL2
+
+from paths import REPO_ROOT, golden_image, tiny_checkpoint
+
+SIZE_KEYS = [f"{w}x{h}" for w, h in SIZES]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deepseek_vl2_runtime.bench", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def active_params(model: DeepseekVL2) -> int:
+    """Parameters one decode step reads, counted on the module tree: the embedding row, every
+    non-expert language parameter, and top_k of the routed experts of each MoE layer."""
+    lm = model.language
+    cfg = lm.config
+    total = cfg.hidden_size  # one embedding row
+    for name, p in lm.named_parameters():
+        if "embed_tokens" in name or ".experts." in name:
+            continue
+        total += p.numel()
+    for layer in lm.model.layers:
+        if isinstance(layer.mlp, MoE):
+            one_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
+            total += cfg.num_experts_per_tok * one_expert
+    return total
+
+
+@pytest.fixture(scope="module")
+def small_on_meta() -> DeepseekVL2:
+    with torch.device("meta"):
+        return DeepseekVL2(small_config())
+
+
+def test_small_config_matches_the_spec(small_on_meta):
+    lc = small_on_meta.config.language_config
+    assert (lc.hidden_size, lc.num_hidden_layers, lc.vocab_size) == (2048, 27, 102400)
+    assert (lc.kv_lora_rank, lc.q_lora_rank, lc.n_routed_experts) == (512, None, 64)
+    assert len(small_on_meta.config.candidate_resolutions) == 23
+    assert small_on_meta.config.candidate_resolutions[-1] == (1152, 1152)
+    total = sum(p.numel() for p in small_on_meta.parameters())
+    assert 15.5e9 < total < 16.5e9  # "16B MoE" (vision tower and projector included)
+
+
+def test_weights_bytes_per_token_of_vl2_small(small_on_meta):
+    lc = small_on_meta.config.language_config
+    params = active_params(small_on_meta)
+    assert weights_bytes_per_token(lc, torch.bfloat16) == 2 * params
+    assert weights_bytes_per_token(lc, torch.float32) == 4 * params
+    assert 2.40e9 < params < 2.50e9  # spec: ~2.45 B active parameters per token
+    assert abs(2 * params / 4.9e9 - 1) < 0.01  # ~4.9 GB read per decode step in bf16
+
+
+def test_random_small_refused_where_it_cannot_fit(small_on_meta):
+    cpu = torch.device("cpu")
+    if available_bytes(cpu) >= estimate_bytes(small_on_meta, torch.float32):
+        pytest.skip("this host could hold vl2-small in float32")
+    out = run_bench("--random", "small", "--device", "cpu", "--dtype", "float32", "--json")
+    assert out.returncode != 0
+    assert out.stdout == ""
+    assert "--random small needs about" in out.stderr
+    assert "GiB" in out.stderr and "float32" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_smoke_run_on_the_tiny_checkpoint():
+    model_dir, image = tiny_checkpoint(), golden_image("img_300x1200.png")
+    if model_dir is None or image is None:
+        pytest.skip("tiny checkpoint or golden images not available")
+    args = ["--weights", str(model_dir), "--device", "cpu", "--threads", "1", "--json"]
+    out = run_bench(*args, "--new-tokens", "8", "--repeats", "1", "--image", str(image))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "ms/token" in out.stderr  # the human table
+
+    user_key = "img_300x1200.png:300x1200"
+    keys = [*SIZE_KEYS, user_key]
+    for field in ("preprocess_ms", "time_to_first_token_ms", "ttft_breakdown_ms", "prompt_tokens"):
+        assert list(r[field]) == keys, field
+    for key in keys:
+        stages = r["ttft_breakdown_ms"][key]
+        assert all(v > 0 for v in stages.values())
+        assert r["time_to_first_token_ms"][key] == stages["total"]  # one repeat: same run
+        assert stages["total"] == pytest.approx(
+            sum(stages[s] for s in ("preprocess", "vision", "prefill", "sample")), abs=0.01
+        )
+        assert r["preprocess_ms"][key] > 0
+    assert r["prompt_tokens"]["384x384"] < r["prompt_tokens"]["4032x3024"] < 4096
+    assert set(r["decode_ms"]) == {"4032x3024", user_key}
+
+    assert r["decode_image"] == user_key and r["new_tokens"] == 8
+    assert r["decode_intervals"] == 6  # 8 ids, 7 intervals, the last dropped
+    assert r["decode_ms_per_token"] > 0 and r["decode_ms_per_token_mean"] > 0
+    assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"], rel=1e-3)
+    assert r["first_token_via_generate_ms"] > 0
+    assert r["load_s"] > 0 and r["compile_s"] is None and r["peak_memory_mb"] > 0
+
+    assert (r["device"], r["dtype"], r["threads"], r["compile"]) == ("cpu", "float32", 1, False)
+    assert r["torch_version"] == torch.__version__
+    assert r["seeds"]["sampling"] == 0 and r["repeats"] == 1
+    # Tiny config: embedding row 64 + norms + 3 x attention + dense MLP + 2 x (router + top-2
+    # of 8 experts + shared) + final norm + lm_head 1024 x 64, float32.
+    assert r["config"]["active_params_per_token"] < r["config"]["total_params"]
+    assert r["weights_bytes_per_token"] == 4 * r["config"]["active_params_per_token"]
+    assert r["memory_bandwidth_gbps"] is None and r["bound_tokens_per_s"] is None
+    assert r["bound_fraction"] is None and r["peak_memory_mb_long_request"] is None
+    assert r["host_memcpy_gbps"] > 0 and r["host_memcpy_bound_tokens_per_s"] > 0
+    ref = r["official_cpu_reference"]
+    assert "NOT measured" in ref["source"] and ref["decode_ms_per_token"] == [2.75, 2.96]
+
+
+def test_weights_bytes_of_the_tiny_checkpoint():
+    model_dir = tiny_checkpoint()
+    if model_dir is None:
+        pytest.skip("tiny checkpoint not available")
+    config = VL2Config.from_json(Path(model_dir) / "config.json")
+    with torch.device("meta"):
+        model = DeepseekVL2(config)
+    assert weights_bytes_per_token(config.language_config, torch.float32) == 4 * active_params(
+        model
+    )
+
+
+def tiny_with_real_vocab() -> VL2Config:
+    """The tiny checkpoint's shapes with vl2-small's vocabulary, so the stand-in prompt ids of
+    --random (BOS 100000, <image> 100003, ...) are valid."""
+    model_dir = tiny_checkpoint()
+    if model_dir is None:
+        pytest.skip("tiny checkpoint not available")
+    config = VL2Config.from_json(Path(model_dir) / "config.json")
+    language = dataclasses.replace(config.language_config, vocab_size=102400)
+    return dataclasses.replace(config, language_config=language)
+
+
+def test_random_model_is_seeded_and_prepared():
+    config, cpu = tiny_with_real_vocab(), torch.device("cpu")
+    a, b = (random_model(config, cpu, torch.bfloat16, seed=3) for _ in range(2))
+    c = random_model(config, cpu, torch.bfloat16, seed=4)
+    for (name, x), y, z in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
+        assert x.dtype == torch.bfloat16 and x.device == cpu, name
+        assert torch.equal(x, y), name
+        assert not torch.equal(x, z), name
+    norm = a.language.model.norm.weight.float()
+    assert abs(norm.mean().item() - 1) < 0.05 and 0.05 < norm.std().item() < 0.15
+    assert a.language.max_seq == 4096 and not a.training
+    assert all(m.w13 is not None for m in a.modules() if isinstance(m, MoE))
+
+
+def test_random_run_in_process(monkeypatch, capsys):
+    """The --random path end to end (vl2-small swapped for tiny shapes): random weights on the
+    device, stand-in prompt ids, the same measurements."""
+    monkeypatch.setattr(bench, "small_config", tiny_with_real_vocab)
+    args = ["--random", "small", "--device", "cpu", "--threads", "1", "--json"]
+    assert bench.main([*args, "--new-tokens", "4", "--repeats", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["source"] == "random:small" and r["seeds"]["model_init"] == 0
+    assert r["config"]["vocab_size"] == 102400 and r["load_s"] > 0
+    assert list(r["time_to_first_token_ms"]) == SIZE_KEYS
+    w, h = select_best_resolution((640, 480), small_config().candidate_resolutions)
+    image_tokens = num_image_tokens((w // 384, h // 384), 14)
+    assert r["prompt_tokens"]["640x480"] == image_tokens + 13
+    assert r["decode_intervals"] == 2 and r["decode_tokens_per_s"] > 0
+    assert "official_cpu_reference" not in r
