@@ -1,8 +1,8 @@
 """The token loop: prefill once, then fixed-shape one-token decode steps.
 
 Knows nothing about text. The only host synchronisation per step is reading the sampled id
-(needed to stream it and to stop at end-of-sentence); the next decode step is queued on the
-device before that read, so on a GPU the host never leaves the device idle.
+(needed to stream it and to stop at end-of-sentence); on a GPU the next decode step is queued
+before that read completes, so the host never leaves the device idle.
 """
 
 from __future__ import annotations
@@ -63,16 +63,35 @@ def generate_tokens(
     seen[prompt_ids] = True
     length = embeds.shape[1]  # filled cache entries, tracked on the host
     pos = torch.tensor([length], device=device)
+    # On CUDA the sampled id is copied to pinned host memory *before* the next step is queued,
+    # so reading it waits for the sampling kernels only and the device runs ahead meanwhile.
+    # On CPU everything is synchronous: read the id first, then run the next step.
+    overlap = device.type == "cuda"
+    host = torch.empty(1, dtype=torch.long, pin_memory=True) if overlap else None
     logits = lm.prefill(embeds)[0]
+
+    def advance(token: torch.Tensor) -> None:
+        nonlocal length, logits
+        seen[token] = True
+        length += 1
+        logits = step(token.view(1, 1), pos, length)[0]
+        pos.add_(1)
+
     for i in range(max_new_tokens):
         token = sample(logits, seen, params, generator)
-        last = i == max_new_tokens - 1
-        if not last:  # queue the next step before reading the token back
-            seen[token] = True
-            length += 1
-            logits = step(token.view(1, 1), pos, length)[0]
-            pos += 1
-        token_id = int(token)
+        more = i < max_new_tokens - 1
+        if overlap:
+            host.copy_(token.view(1), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            if more:
+                advance(token)  # queued behind the copy; wasted only if this id is EOS
+            copied.synchronize()
+            token_id = int(host[0])
+        else:
+            token_id = int(token)
         yield token_id
         if token_id == eos_id:
             return
+        if more and not overlap:
+            advance(token)

