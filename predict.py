@@ -2,18 +2,30 @@
 
 All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. User
 mistakes surface as `InputError` (a failed prediction with that message); cancellation arrives
-as `CancelationException` and stops generation through `stream.close()`.
+as `CancelationException` and stops generation through `stream.close()`. Anything else that
+goes wrong inside a prediction (out of memory, a bug) fails only that prediction, with a
+`PredictionError` saying so; what it held is released first, so the next request is served.
+
+Image inputs are read only from files that Cog itself downloaded (http(s) and data URLs land in
+its temp directory). Cog hands any other string over as-is, so without `upload_path` an input
+like "/etc/passwd" or "weights/model.safetensors" would be opened on the server.
 """
 
+import ctypes
+import gc
 import logging
 import os
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
 
+from deepseek_vl2_runtime.errors import InputError
 from deepseek_vl2_runtime.hub import resolve_verified_weights
 from deepseek_vl2_runtime.image_io import load_image
 from deepseek_vl2_runtime.pipeline import Pipeline, TextStream
@@ -28,6 +40,103 @@ EXTRA_IMAGE = (
 )
 
 
+class PredictionError(RuntimeError):
+    """A prediction that failed on the server's side (not the request's fault); user-facing."""
+
+
+def upload_path(value: object, name: str = "image") -> str:
+    """The real path of the file Cog downloaded for an image input, or `InputError`.
+
+    Cog turns http(s) and data URLs into files in the worker's temp directory
+    (`tempfile.gettempdir()`); any other string reaches predict() unchanged. Only existing
+    regular files inside that directory are accepted (symlinks and `..` are resolved first),
+    so a request can never make the server open one of its own files. Nothing is opened here.
+    """
+    shown = str(value)
+    shown = repr(shown if len(shown) <= 80 else shown[:77] + "...")
+    refusal = InputError(
+        f"{name}: {shown} is not an uploaded file. Send the image as an http(s):// URL or a "
+        "data: URL (e.g. data:image/png;base64,...); paths and other URL schemes (file://, "
+        "ftp://) are not accepted."
+    )
+    if not isinstance(value, (str, os.PathLike)):
+        raise refusal
+    try:
+        real = os.path.realpath(os.fspath(value))
+        temp_dir = os.path.realpath(tempfile.gettempdir())
+        inside = os.path.commonpath([real, temp_dir]) == temp_dir and real != temp_dir
+        accepted = inside and os.path.isfile(real)
+    except (OSError, ValueError, TypeError):  # NUL bytes, undecodable names, ...
+        accepted = False
+    if not accepted:
+        raise refusal
+    return real
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory_to_the_os() -> bool:
+    """Make glibc serve allocations of MMAP_THRESHOLD (1 MiB) or more with mmap, always.
+
+    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
+    which large blocks -- decoded images (Pillow allocates 16 MiB blocks), pixel tensors,
+    activations -- come from the heap and stay in the process when freed. A server that sees a
+    24-megapixel photo then keeps ~300 MB more RSS for good, creeping as the heap fragments;
+    with a fixed threshold the memory goes back to the OS after every request. Returns whether
+    the setting was applied (False where the C library has no mallopt, e.g. macOS)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # <malloc.h>; setting it also disables the dynamic adjustment
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD))
+
+
+def whole_number(value: Any) -> Any:
+    """JSON has one number type: Cog passes 4096.0 (or -0) for an integer input as a float, and
+    JSON Schema counts it as the integer 4096. Integral floats that a float represents exactly
+    (|x| <= 2**53) become ints; anything else is left for `SamplingParams.validate` to refuse."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+def free_memory() -> None:
+    """Give back what a failed prediction held: unreachable objects, then cached GPU blocks."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def failure_message(exc: BaseException) -> str:
+    """What the user reads when a prediction fails for a reason that is not their input."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "server"
+        return (
+            f"The {where} ran out of memory while answering this request, so it was stopped and "
+            "the memory was released. Please try again; if it happens again, send fewer or "
+            "smaller images, a shorter prompt or a lower max_length_tokens."
+        )
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return (
+        f"The prediction failed because of an internal server error ({type(exc).__name__}"
+        f"{': ' + detail if detail else ''}). This is not a problem with your input; the error "
+        "was logged. Please try again."
+    )
+
+
+def server_failure(exc: Exception) -> PredictionError:
+    """Log `exc` with its traceback, drop the tensors its frames hold, free memory, and return
+    the user-facing error to raise (outside the `except` block, so nothing chains to `exc`)."""
+    log.error("prediction failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    message = failure_message(exc)
+    traceback.clear_frames(exc.__traceback__)
+    exc.__traceback__ = None
+    free_memory()
+    return PredictionError(message)
+
+
 class Predictor(BasePredictor):
     def setup(self) -> None:
         runtime_log = logging.getLogger("deepseek_vl2_runtime")
@@ -36,6 +145,7 @@ class Predictor(BasePredictor):
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             runtime_log.addHandler(handler)
             runtime_log.setLevel(logging.INFO)
+        return_freed_memory_to_the_os()
         start = time.perf_counter()
         weights = resolve_verified_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
         # Compiled decode (CUDA graphs) on GPU by default; DEEPSEEK_VL2_COMPILE=0/1 overrides.
@@ -107,22 +217,44 @@ class Predictor(BasePredictor):
         params = SamplingParams(
             temperature=temperature,
             top_p=top_p,
-            top_k=top_k,
             repetition_penalty=repetition_penalty,  # validate() rejects <= 0 (schema allows 0)
-            max_new_tokens=max_length_tokens,
-            seed=seed,
+            max_new_tokens=whole_number(max_length_tokens),
+            top_k=whole_number(top_k),
+            seed=whole_number(seed),
         )
-        params.validate()
-        # A non-URL string reaches predict() as a plain str, not a cog.Path: str() covers both.
-        images = [load_image(str(p)) for p in (image, image_2, image_3) if p is not None]
-        start = time.perf_counter()
-        stream = self.pipe.stream(prompt, images, params)
+        try:
+            params.validate()
+        except InputError as exc:  # name the input as the user sent it
+            message = str(exc)
+            if message.startswith("max_new_tokens="):
+                message = "max_length_tokens=" + message.removeprefix("max_new_tokens=")
+            raise InputError(message) from None
+        uploads = {"image": image, "image_2": image_2, "image_3": image_3}
+        paths = [upload_path(p, name) for name, p in uploads.items() if p is not None]
+        failure = None
+        try:
+            images = [load_image(p) for p in paths]
+            start = time.perf_counter()
+            stream = self.pipe.stream(prompt, images, params)
+        except InputError:
+            raise
+        except Exception as exc:  # out of memory while encoding, or a bug: not the user's fault
+            failure = server_failure(exc)
+        if failure is not None:
+            images = []  # the raised error's traceback keeps this frame (and its locals) alive
+            raise failure
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
         return self._generate(stream, start)
 
     def _generate(self, stream: TextStream, start: float) -> Iterator[str]:
+        failure = None
         try:
             yield from stream
+        except InputError:
+            raise
+        except Exception as exc:  # e.g. CUDA out of memory mid-answer: fail this prediction only
+            failure = exc
+            stream.finish_reason = "error"  # for the log line below
         finally:  # also on CancelationException / client disconnect: stop generating now
             stream.close()
             elapsed = time.perf_counter() - start
@@ -144,3 +276,6 @@ class Predictor(BasePredictor):
                 elapsed,
                 tps,
             )
+        if failure is not None:
+            error, failure = server_failure(failure), None
+            raise error

@@ -47,7 +47,9 @@ What the returned image looks like:
   conversion to RGB. Embedded ICC profiles are not applied (the pixel values are used as sRGB).
 * **Size.** Images whose longer side exceeds `MAX_SIDE_AFTER_LOAD` are downscaled (aspect ratio
   kept) so that it equals `MAX_SIDE_AFTER_LOAD`; JPEGs are first decoded at a reduced DCT scale
-  (``draft``) so a large photo is never decoded at full size.
+  (``draft``) so a large photo is never decoded at full size. A downscaled image records its
+  full, upright size in ``info["source_size"]`` (`SOURCE_SIZE`), so that the model's tiling can
+  be chosen as for the original (see `MAX_SIDE_AFTER_LOAD`).
 """
 
 import io
@@ -64,6 +66,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_SIDE_AFTER_LOAD",
+    "SOURCE_SIZE",
     "SUPPORTED_FORMATS",
     "load_image",
 ]
@@ -104,9 +107,15 @@ Why 4096: DeepSeek-VL2's largest tiling canvas is 9 x 384 = 3456 px on a side. I
 choice (``select_best_resolution``) compares, per candidate canvas, the image's resolution
 after fitting into that canvas; as long as the longer side stays >= 3456, every canvas needs a
 downscale, and the fitted resolution then depends only on the aspect ratio, not on the
-absolute size. So downscaling to 4096 (> 3456) never changes which tiling is chosen, while it
-caps the memory and time of everything downstream (mode conversion, the model's own resize).
+absolute size. So downscaling to 4096 (> 3456) caps the memory and time of everything
+downstream (mode conversion, the model's own resize) and keeps the tiling choice -- except that
+the comparison uses integer-truncated fits, so rounding the short side by under a pixel can flip
+it (a 3:2 photo of 6000 x 4000 becomes 4096 x 2731, which would get a 3 x 3 canvas instead of
+the original's 3 x 2). Hence `SOURCE_SIZE`: the pipeline corrects such flips.
 """
+
+SOURCE_SIZE: Final[str] = "source_size"
+"""``info`` key of a downscaled image: its (width, height) before downscaling, upright."""
 
 _WHITE: Final[tuple[int, int, int]] = (255, 255, 255)
 _RESAMPLE: Final = Image.Resampling.LANCZOS
@@ -266,6 +275,7 @@ def _decode(fp: BinaryIO, *, max_pixels: int) -> Image.Image:
 
 def _load_and_normalise(img: Image.Image) -> Image.Image:
     """Decode ``img`` (size already checked) and return a new, detached RGB image."""
+    source = img.size  # before any draft
     if img.format in ("JPEG", "MPO"):
         # DCT-domain downscale by 1/2, 1/4 or 1/8 during decoding; Pillow picks the largest
         # factor that keeps the result >= the requested size, so quality is unaffected.
@@ -274,10 +284,13 @@ def _load_and_normalise(img: Image.Image) -> Image.Image:
             img.draft("RGB", draft_target)
     img.load()  # full decode: raises on truncated data
 
+    stored = img.size
     try:
         ImageOps.exif_transpose(img, in_place=True)
     except Exception:
         pass  # damaged EXIF: show the pixels as stored, as image viewers do
+    if img.size != stored:  # rotated by 90 degrees
+        source = source[::-1]
 
     # Resize while still 1-2 channels where possible (greyscale stays 1/3 the size), and
     # before flattening alpha (Pillow's resize premultiplies alpha for RGBA/LA, so
@@ -296,6 +309,8 @@ def _load_and_normalise(img: Image.Image) -> Image.Image:
         # Still the file-backed plugin object (an RGB image needing no change): copy so the
         # result owns its pixels and holds no reference to the (soon closed) file.
         out = img.copy()
+    if out.size != source:
+        out.info[SOURCE_SIZE] = source
     return out
 
 

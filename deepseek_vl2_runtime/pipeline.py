@@ -22,7 +22,14 @@ from .chat_template import ASSISTANT, IMAGE_TAG, PAD, USER, Tokenizer, Turn, bui
 from .detokenize import answer_chunks
 from .errors import CheckpointError, InputError
 from .generation import DecodeStep, generate_tokens
-from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
+from .image_io import SOURCE_SIZE
+from .image_processing import (
+    ImageBatch,
+    TilingConfig,
+    num_image_tokens,
+    preprocess,
+    select_best_resolution,
+)
 from .model import DeepseekVL2
 from .sampling import SamplingParams
 from .weights import load_model, verify_snapshot
@@ -30,6 +37,12 @@ from .weights import load_model, verify_snapshot
 log = logging.getLogger("deepseek_vl2_runtime")
 
 MAX_PROMPT_CHARS = 131072  # far beyond any prompt that fits 4096 tokens
+# Sampling divides float32 logits by the temperature and the repetition penalty. Tiny values
+# (1e-300 is "valid") overflow to inf, softmax turns inf into NaN, and every draw becomes token
+# 0. Below these floors nothing observable changes, so values under them are raised to them
+# (a temperature under the floor means greedy decoding, which is what it approximates).
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 1e-5
 
 
 def default_device() -> torch.device:
@@ -38,6 +51,39 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def numerically_safe(params: SamplingParams) -> SamplingParams:
+    """`params` with a temperature under MIN_TEMPERATURE made greedy (0) and a repetition
+    penalty under MIN_REPETITION_PENALTY raised to it (see their comment)."""
+    changes: dict[str, float] = {}
+    if 0 < params.temperature < MIN_TEMPERATURE:
+        changes["temperature"] = 0.0
+    if 0 < params.repetition_penalty < MIN_REPETITION_PENALTY:
+        changes["repetition_penalty"] = MIN_REPETITION_PENALTY
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def tiling_preserving_size(
+    source: tuple[int, int], size: tuple[int, int], candidates: Sequence[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """A size at most `size` with the aspect of `source` whose tiling canvas is the one
+    `source` gets (`size` itself if it already does); None if none within 128 px.
+
+    Tiling compares integer-truncated fits, so a downscale that rounds the short side by under
+    a pixel can pick another canvas (6000 x 4000 -> 4096 x 2731 gets 3 x 3 tiles instead of
+    3 x 2); a slightly smaller size with the exact aspect gets the original's (4095 x 2730).
+    """
+    wanted = select_best_resolution(source, candidates)
+    if select_best_resolution(size, candidates) == wanted:
+        return size
+    longer, shorter = max(source), min(source)
+    for side in range(max(size) - 1, max(max(size) - 129, 0), -1):
+        other = max(1, round(side * shorter / longer))
+        fit = (side, other) if source[0] >= source[1] else (other, side)
+        if select_best_resolution(fit, candidates) == wanted:
+            return fit
+    return None
 
 
 def place_images(prompt: str, n_images: int) -> str:
@@ -240,7 +286,7 @@ class Pipeline:
     ) -> Iterator[int]:
         """Token ids of the answer (end-of-sentence included when produced)."""
         params.validate()
-        params = params.with_seed()
+        params = numerically_safe(params.with_seed())
         self._check_fits(request)
         budget = params.max_new_tokens if max_new_tokens is None else max_new_tokens
         budget = min(budget, self.max_context - request.num_tokens)
@@ -267,6 +313,18 @@ class Pipeline:
 
     # -- product semantics --------------------------------------------------------------------
 
+    def tile_as_source(self, image: Image.Image) -> Image.Image:
+        """An image that `image_io.load_image` downscaled, resized (by at most a few pixels)
+        where needed so that it gets the tiling its full-size original gets, as with the
+        official processor; other images unchanged."""
+        source = image.info.get(SOURCE_SIZE)
+        if not source or tuple(source) == image.size:
+            return image
+        size = tiling_preserving_size(tuple(source), image.size, self.tiling.candidate_resolutions)
+        if size is None or size == image.size:
+            return image
+        return image.resize(size, Image.Resampling.LANCZOS)
+
     def validate_prompt(self, prompt: str) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("The prompt is empty; ask a question or describe the task.")
@@ -292,6 +350,7 @@ class Pipeline:
         self.validate_prompt(prompt)
         params.validate()
         params = params.with_seed()
+        images = [self.tile_as_source(image) for image in images]
         request = self.encode(place_images(prompt, len(images)), images)
         self._check_fits(request)
         max_new = min(params.max_new_tokens, self.max_context - request.num_tokens)
