@@ -74,12 +74,18 @@ def _to_tensor(image: Image.Image, cfg: TilingConfig) -> torch.Tensor:
 
 
 def image_tiles(
-    image: Image.Image, cfg: TilingConfig, cropping: bool
+    image: Image.Image, cfg: TilingConfig, cropping: bool, fit_size: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One RGB image -> (tiles [1 + tw*th, 3, S, S], (tw, th))."""
+    """One RGB image -> (tiles [1 + tw*th, 3, S, S], (tw, th)).
+
+    The canvas is chosen for `fit_size` (default: the image's size): an upload that was
+    downscaled on load passes its original size, because the official rule truncates fitted
+    sizes to whole pixels and a few pixels of downscaling can flip its choice (6000x4000 gets
+    3x2 tiles, 4096x2731 would get 3x3)."""
     s = cfg.tile_size
+    fit_size = fit_size or image.size
     canvas_size = (
-        select_best_resolution(image.size, cfg.candidate_resolutions) if cropping else (s, s)
+        select_best_resolution(fit_size, cfg.candidate_resolutions) if cropping else (s, s)
     )
     glob = ImageOps.pad(image, (s, s), color=cfg.pad_color)
     canvas = ImageOps.pad(image, canvas_size, color=cfg.pad_color)
@@ -90,14 +96,20 @@ def image_tiles(
     return torch.cat([_to_tensor(glob, cfg)[None], local]), (tw, th)
 
 
-def preprocess(images: Sequence[Image.Image], cfg: TilingConfig) -> ImageBatch:
-    """All images of a conversation, in order. Tiling only when there are at most two images."""
+def preprocess(
+    images: Sequence[Image.Image],
+    cfg: TilingConfig,
+    fit_sizes: Sequence[tuple[int, int] | None] | None = None,
+) -> ImageBatch:
+    """All images of a conversation, in order. Tiling only when there are at most two images.
+    `fit_sizes[i]`: the size to choose image i's canvas for (see `image_tiles`)."""
     cropping = len(images) <= 2
+    fit_sizes = fit_sizes or [None] * len(images)
     tiles, crops = [], []
-    for image in images:
+    for image, fit_size in zip(images, fit_sizes, strict=True):
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
-        t, crop = image_tiles(image, cfg, cropping)
+        t, crop = image_tiles(image, cfg, cropping, fit_size)
         tiles.append(t)
         crops.append(crop)
     if not tiles:

@@ -23,13 +23,7 @@ from .detokenize import answer_chunks
 from .errors import CheckpointError, InputError
 from .generation import DecodeStep, generate_tokens
 from .image_io import SOURCE_SIZE
-from .image_processing import (
-    ImageBatch,
-    TilingConfig,
-    num_image_tokens,
-    preprocess,
-    select_best_resolution,
-)
+from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
 from .model import DeepseekVL2
 from .sampling import SamplingParams
 from .weights import load_model, verify_snapshot
@@ -62,28 +56,6 @@ def numerically_safe(params: SamplingParams) -> SamplingParams:
     if 0 < params.repetition_penalty < MIN_REPETITION_PENALTY:
         changes["repetition_penalty"] = MIN_REPETITION_PENALTY
     return dataclasses.replace(params, **changes) if changes else params
-
-
-def tiling_preserving_size(
-    source: tuple[int, int], size: tuple[int, int], candidates: Sequence[tuple[int, int]]
-) -> tuple[int, int] | None:
-    """A size at most `size` with the aspect of `source` whose tiling canvas is the one
-    `source` gets (`size` itself if it already does); None if none within 128 px.
-
-    Tiling compares integer-truncated fits, so a downscale that rounds the short side by under
-    a pixel can pick another canvas (6000 x 4000 -> 4096 x 2731 gets 3 x 3 tiles instead of
-    3 x 2); a slightly smaller size with the exact aspect gets the original's (4095 x 2730).
-    """
-    wanted = select_best_resolution(source, candidates)
-    if select_best_resolution(size, candidates) == wanted:
-        return size
-    longer, shorter = max(source), min(source)
-    for side in range(max(size) - 1, max(max(size) - 129, 0), -1):
-        other = max(1, round(side * shorter / longer))
-        fit = (side, other) if source[0] >= source[1] else (other, side)
-        if select_best_resolution(fit, candidates) == wanted:
-            return fit
-    return None
 
 
 def place_images(prompt: str, n_images: int) -> str:
@@ -259,7 +231,8 @@ class Pipeline:
         n_tags = sum(t.user.count(IMAGE_TAG) for t in turns)
         if n_tags != len(images):
             raise InputError(f"The prompt has {n_tags} <image> tags for {len(images)} image(s)")
-        batch = preprocess(images, self.tiling)
+        # Uploads downscaled on load are tiled for the size the user sent (image_io.SOURCE_SIZE).
+        batch = preprocess(images, self.tiling, [im.info.get(SOURCE_SIZE) for im in images])
         counts = [num_image_tokens(c, self.tiling.tokens_per_side) for c in batch.crops]
         prompt = build_prompt(self.tokenizer, turns, counts)
         return EncodedRequest(
@@ -313,18 +286,6 @@ class Pipeline:
 
     # -- product semantics --------------------------------------------------------------------
 
-    def tile_as_source(self, image: Image.Image) -> Image.Image:
-        """An image that `image_io.load_image` downscaled, resized (by at most a few pixels)
-        where needed so that it gets the tiling its full-size original gets, as with the
-        official processor; other images unchanged."""
-        source = image.info.get(SOURCE_SIZE)
-        if not source or tuple(source) == image.size:
-            return image
-        size = tiling_preserving_size(tuple(source), image.size, self.tiling.candidate_resolutions)
-        if size is None or size == image.size:
-            return image
-        return image.resize(size, Image.Resampling.LANCZOS)
-
     def validate_prompt(self, prompt: str) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("The prompt is empty; ask a question or describe the task.")
@@ -350,7 +311,6 @@ class Pipeline:
         self.validate_prompt(prompt)
         params.validate()
         params = params.with_seed()
-        images = [self.tile_as_source(image) for image in images]
         request = self.encode(place_images(prompt, len(images)), images)
         self._check_fits(request)
         max_new = min(params.max_new_tokens, self.max_context - request.num_tokens)

@@ -895,30 +895,32 @@ ASPECTS = [(3, 2), (4, 3), (16, 9), (1, 1), (21, 9), (2, 1), (13, 6), (5, 4), (1
 
 
 def test_downscaled_images_keep_the_tiling_of_the_original():
-    """Every common aspect ratio at every size above the downscale threshold (step 5 px): the
-    canvas chosen for the loaded image is the one the full-size original gets."""
+    """Every common aspect ratio at sizes above the downscale threshold: the canvas chosen for
+    the loaded (downscaled) image is the one the full-size original gets, although the plain
+    downscaled size alone would often pick another."""
     from deepseek_vl2_runtime.image_io import _target_size
-    from deepseek_vl2_runtime.image_processing import select_best_resolution
-    from deepseek_vl2_runtime.pipeline import tiling_preserving_size
+    from deepseek_vl2_runtime.image_processing import (
+        TilingConfig,
+        image_tiles,
+        select_best_resolution,
+    )
 
     candidates = [
         tuple(r)
         for r in json.loads((CHECKPOINT / "config.json").read_text())["candidate_resolutions"]
     ]
+    cfg = TilingConfig(tuple(candidates), tokens_per_side=14)
     flips = 0
     for a, b in ASPECTS:
-        for longer in range(4097, 8193, 5):
+        for longer in range(4097, 8193, 97):
             source = (longer, round(longer * b / a))
             for size in (source, source[::-1]):
                 loaded = _target_size(size)
-                fixed = tiling_preserving_size(size, loaded, candidates)
-                assert fixed is not None, size
-                assert select_best_resolution(fixed, candidates) == select_best_resolution(
-                    size, candidates
-                )
-                assert max(loaded) - 40 <= max(fixed) <= max(loaded), (size, loaded, fixed)
-                flips += fixed != loaded
-    assert flips > 100  # the plain downscale alone would have changed the tiling this often
+                wanted = select_best_resolution(size, candidates)
+                _, crop = image_tiles(Image.new("RGB", loaded), cfg, True, fit_size=size)
+                assert (crop[0] * 384, crop[1] * 384) == wanted, (size, loaded)
+                flips += select_best_resolution(loaded, candidates) != wanted
+    assert flips > 5  # without fit_size the downscale alone would have changed the tiling
 
 
 def test_exif_rotated_large_photo_records_its_upright_size(mla_pipeline):
@@ -929,7 +931,7 @@ def test_exif_rotated_large_photo_records_its_upright_size(mla_pipeline):
     photo = encode(Image.new("RGB", (6000, 4000), (90, 140, 200)), "JPEG", quality=50, exif=exif)
     image = load_image(photo)
     assert image.size == (2731, 4096) and image.info[SOURCE_SIZE] == (4000, 6000)
-    assert mla_pipeline.tile_as_source(image).size == (2730, 4095)
+    assert mla_pipeline.encode("<image>", [image]).images.crops == ((2, 3),)  # as 4000x6000
     assert SOURCE_SIZE not in load_image(encode(gradient())).info  # not downscaled
 
 
