@@ -204,7 +204,7 @@ UPLOAD_VALUES = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(value=UPLOAD_VALUES)
 def test_upload_guard_never_lets_a_path_out_of_the_temp_dir(value):
-    from predict import upload_path
+    from deepseek_vl2_runtime.serving import upload_path
 
     try:
         path = upload_path(value)
@@ -218,7 +218,7 @@ def test_upload_guard_never_lets_a_path_out_of_the_temp_dir(value):
 @settings(max_examples=300, deadline=None)
 @given(value=st.one_of(st.integers(-(2**70), 2**70), ANY_FLOAT, st.none()))
 def test_whole_numbers(value):
-    from predict import whole_number
+    from deepseek_vl2_runtime.serving import whole_number
 
     result = whole_number(value)
     if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:

@@ -662,7 +662,7 @@ def predict(predictor, **inputs):
 
 
 def test_upload_path_accepts_only_files_in_the_temp_dir(tmp_path, upload, monkeypatch):
-    from predict import upload_path
+    from deepseek_vl2_runtime.serving import upload_path
 
     assert upload_path(upload) == os.path.realpath(upload)
     assert upload_path(str(upload)) == os.path.realpath(upload)
@@ -732,7 +732,7 @@ def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypa
     monkeypatch.setattr(pipe, "generate_ids", generate_ids)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    from predict import PredictionError
+    from deepseek_vl2_runtime.serving import PredictionError
 
     stream = predict(predictor, image=upload, prompt="Tell a story.", max_length_tokens=64)
     chunks = []
@@ -765,7 +765,7 @@ def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypa
 
 def test_fault_before_the_first_token(predictor, upload, monkeypatch):
     """Out of memory while encoding the request (before streaming starts)."""
-    from predict import PredictionError
+    from deepseek_vl2_runtime.serving import PredictionError
 
     def stream(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -799,7 +799,7 @@ def test_cancellation_is_not_turned_into_a_failure(predictor, upload, monkeypatc
 def test_freed_memory_goes_back_to_the_os(predictor):
     """setup() fixed glibc's mmap threshold (the soak test measures the effect: without it the
     worker's RSS grows by ~300 MB after one large photo and creeps); applying it is idempotent."""
-    from predict import return_freed_memory_to_the_os
+    from deepseek_vl2_runtime.serving import return_freed_memory_to_the_os
 
     assert return_freed_memory_to_the_os() is True
 
@@ -843,6 +843,7 @@ REQUEST_PATH = ["predict.py"] + [
     f"deepseek_vl2_runtime/{name}.py"
     for name in (
         "pipeline",
+        "serving",
         "image_io",
         "image_processing",
         "chat_template",
