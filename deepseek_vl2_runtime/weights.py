@@ -41,7 +41,15 @@ def safetensors_files(path: Path) -> list[Path]:
     elif (path / SINGLE_FILE).exists():
         files = [path / SINGLE_FILE]
     else:
-        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+        pickled = sorted(
+            f.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in path.glob(ext)
+        )
+        hint = (
+            f"; {pickled} are pickle files, which are never loaded (use safetensors)"
+            if pickled
+            else ""
+        )
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise CheckpointError(
