@@ -815,6 +815,10 @@ def test_user_errors_keep_their_message(predictor, upload):
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
+    # torch._dynamo (imported lazily by the first model build) subclasses pickle.Unpickler at
+    # import time: import it before pickle is patched, so the test does not depend on order.
+    import torch._dynamo  # noqa: F401
+
     def forbidden(*args, **kwargs):
         raise AssertionError("pickle-based loading was attempted")
 
