@@ -182,3 +182,17 @@ class CogServer:
                 elif line == "" and event is not None:
                     yield time.monotonic(), event, json.loads("\n".join(data) or "null")
                     event, data = None, []
+
+
+def call_predict(predictor, **inputs):
+    """predict() called in-process the way the server calls it: every input given, defaults
+    resolved from the Input(...) declarations."""
+    import inspect
+
+    from cog import FieldInfo
+
+    args = {
+        name: p.default.default if isinstance(p.default, FieldInfo) else p.default
+        for name, p in inspect.signature(predictor.predict).parameters.items()
+    }
+    return predictor.predict(**(args | inputs))

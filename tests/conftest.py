@@ -19,3 +19,17 @@ def mla_pipeline():
     from checkpoints import MLA_MODEL
 
     return Pipeline.load(MLA_MODEL, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """The Cog Predictor, set up in-process on the tiny checkpoint."""
+    from predict import Predictor
+
+    from paths import tiny_checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPSEEK_VL2_WEIGHTS", str(tiny_checkpoint()))
+        p = Predictor()
+        p.setup()
+    return p

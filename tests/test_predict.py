@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import pytest
-from cog import FieldInfo
 from PIL import Image
 
 from deepseek_vl2_runtime.errors import InputError
 from deepseek_vl2_runtime.pipeline import Pipeline
 from deepseek_vl2_runtime.sampling import SamplingParams
 
+from cog_server import call_predict as predict
 from paths import tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
 pytestmark = pytest.mark.skipif(CHECKPOINT is None, reason="tiny checkpoint not found")
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    from predict import Predictor
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEEPSEEK_VL2_WEIGHTS", str(CHECKPOINT))
-        p = Predictor()
-        p.setup()
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +25,6 @@ def image_path(tmp_path_factory):
     image.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(64) for x in range(96)])
     image.save(path)
     return path
-
-
-def predict(predictor, **inputs):
-    """Call predict() the way the server does: every input given, defaults resolved."""
-    args = {
-        name: p.default.default if isinstance(p.default, FieldInfo) else p.default
-        for name, p in inspect.signature(predictor.predict).parameters.items()
-    }
-    args.update(inputs)
-    return predictor.predict(**args)
 
 
 def test_setup_loads_the_pipeline(predictor):

@@ -37,6 +37,7 @@ from deepseek_vl2_runtime.pipeline import Pipeline
 from deepseek_vl2_runtime.sampling import SamplingParams
 
 from cog_server import CogServer
+from cog_server import call_predict as predict
 from paths import REPO_ROOT, tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
@@ -630,35 +631,11 @@ def test_broken_weights_fail_setup_with_the_reason(tmp_path, kind):
 # -- in-process: the adapter's guards and fault handling --------------------------------------
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    from predict import Predictor
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEEPSEEK_VL2_WEIGHTS", str(CHECKPOINT))
-        p = Predictor()
-        p.setup()
-    return p
-
-
 @pytest.fixture
 def upload(tmp_path) -> Path:
     path = tmp_path / "upload.png"  # pytest's tmp_path is inside tempfile.gettempdir()
     gradient().save(path)
     return path
-
-
-def predict(predictor, **inputs):
-    """predict() as the server calls it: every input given, defaults resolved."""
-    import inspect
-
-    from cog import FieldInfo
-
-    args = {
-        name: p.default.default if isinstance(p.default, FieldInfo) else p.default
-        for name, p in inspect.signature(predictor.predict).parameters.items()
-    }
-    return predictor.predict(**(args | inputs))
 
 
 def test_upload_path_accepts_only_files_in_the_temp_dir(tmp_path, upload, monkeypatch):
