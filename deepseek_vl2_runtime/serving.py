@@ -26,10 +26,12 @@ class PredictionError(RuntimeError):
 def upload_path(value: object, name: str = "image") -> str:
     """The real path of the file Cog downloaded for an image input, or `InputError`.
 
-    Cog turns http(s) and data URLs into files in the worker's temp directory
-    (`tempfile.gettempdir()`); any other string reaches predict() unchanged. Only existing
-    regular files inside that directory are accepted (symlinks and `..` are resolved first),
-    so a request can never make the server open one of its own files. Nothing is opened here.
+    Cog turns http(s) and data URLs into files directly in the worker's temp directory
+    (`tempfile.gettempdir()`, e.g. /tmp/tmpoue1aretfile.png); any other string reaches predict()
+    unchanged. Only existing regular files that are direct children of that directory are
+    accepted (symlinks and `..` resolved first): not a nested path, which could be a checkout
+    or another program's data under /tmp, so a request can never make the server open one of
+    its own files. Nothing is opened here.
     """
     shown = str(value)
     shown = repr(shown if len(shown) <= 80 else shown[:77] + "...")
@@ -43,8 +45,7 @@ def upload_path(value: object, name: str = "image") -> str:
     try:
         real = os.path.realpath(os.fspath(value))
         temp_dir = os.path.realpath(tempfile.gettempdir())
-        inside = os.path.commonpath([real, temp_dir]) == temp_dir and real != temp_dir
-        accepted = inside and os.path.isfile(real)
+        accepted = os.path.dirname(real) == temp_dir and os.path.isfile(real)
     except (OSError, ValueError, TypeError):  # NUL bytes, undecodable names, ...
         accepted = False
     if not accepted:

@@ -196,3 +196,12 @@ def call_predict(predictor, **inputs):
         for name, p in inspect.signature(predictor.predict).parameters.items()
     }
     return predictor.predict(**(args | inputs))
+
+
+def write_upload(image) -> Path:
+    """Save `image` as a PNG where Cog puts downloaded inputs: directly in the temp directory
+    (the only place predict() reads image files from). The caller deletes it."""
+    fd, name = tempfile.mkstemp(suffix="file.png")
+    os.close(fd)
+    image.save(name)
+    return Path(name)

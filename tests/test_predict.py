@@ -12,6 +12,7 @@ from deepseek_vl2_runtime.pipeline import Pipeline
 from deepseek_vl2_runtime.sampling import SamplingParams
 
 from cog_server import call_predict as predict
+from cog_server import write_upload
 from paths import tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
@@ -19,12 +20,12 @@ pytestmark = pytest.mark.skipif(CHECKPOINT is None, reason="tiny checkpoint not 
 
 
 @pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "gradient.png"
+def image_path():
     image = Image.new("RGB", (96, 64))
     image.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(64) for x in range(96)])
-    image.save(path)
-    return path
+    path = write_upload(image)
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def test_setup_loads_the_pipeline(predictor):

@@ -25,6 +25,7 @@ import tempfile
 import time
 import weakref
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from deepseek_vl2_runtime.errors import CheckpointError, InputError
 from deepseek_vl2_runtime.pipeline import Pipeline
 from deepseek_vl2_runtime.sampling import SamplingParams
 
-from cog_server import CogServer
+from cog_server import CogServer, write_upload
 from cog_server import call_predict as predict
 from paths import REPO_ROOT, tiny_checkpoint
 
@@ -632,10 +633,10 @@ def test_broken_weights_fail_setup_with_the_reason(tmp_path, kind):
 
 
 @pytest.fixture
-def upload(tmp_path) -> Path:
-    path = tmp_path / "upload.png"  # pytest's tmp_path is inside tempfile.gettempdir()
-    gradient().save(path)
-    return path
+def upload() -> Iterator[Path]:
+    path = write_upload(gradient())  # where Cog puts downloads: directly in the temp dir
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def test_upload_path_accepts_only_files_in_the_temp_dir(tmp_path, upload, monkeypatch):
@@ -643,6 +644,7 @@ def test_upload_path_accepts_only_files_in_the_temp_dir(tmp_path, upload, monkey
 
     assert upload_path(upload) == os.path.realpath(upload)
     assert upload_path(str(upload)) == os.path.realpath(upload)
+    (tmp_path / "upload.png").write_bytes(upload.read_bytes())
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     link = tmp_path / "link.png"
@@ -654,6 +656,8 @@ def test_upload_path_accepts_only_files_in_the_temp_dir(tmp_path, upload, monkey
         tmp_path,  # a directory
         fifo,  # not a regular file (never opened: that would block)
         link,  # resolves outside the temp dir
+        upload.parent / "nested" / ".." / "missing.png",
+        tmp_path / "upload.png",  # nested below the temp dir (a checkout, another program)
         str(tmp_path / ".." / ".." / ".." / "etc" / "passwd"),
         str(tmp_path / "missing.png"),
         "bad\x00name",
