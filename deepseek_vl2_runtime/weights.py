@@ -117,9 +117,9 @@ def _read_into(
 def load_model(
     path: str | Path, device: torch.device, dtype: torch.dtype, max_seq: int | None = None
 ) -> DeepseekVL2:
-    """Build, load and prepare the model for inference (stacked experts, KV cache, RoPE tables)."""
+    """Build, load and prepare the model for inference (stacked experts, KV cache, RoPE tables).
+    Callers check the directory with `verify_snapshot` first (Pipeline.load does)."""
     path = Path(path)
-    verify_snapshot(path)
     config = VL2Config.from_json(path / "config.json")
     with torch.device("meta"):
         model = DeepseekVL2(config)
