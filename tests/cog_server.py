@@ -205,3 +205,18 @@ def write_upload(image) -> Path:
     os.close(fd)
     image.save(name)
     return Path(name)
+
+
+# The predictor's inputs in schema order: the published model's six first, then ours.
+INPUT_ORDER = [
+    "image",
+    "prompt",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "max_length_tokens",
+    "top_k",
+    "seed",
+    "image_2",
+    "image_3",
+]

@@ -11,21 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
+from cog_server import INPUT_ORDER
 from paths import REPO_ROOT, TESTS_DATA
 
 SCHEMA_FILE = REPO_ROOT / ".cog" / "openapi_schema.json"
-INPUT_ORDER = [
-    "image",
-    "prompt",
-    "temperature",
-    "top_p",
-    "repetition_penalty",
-    "max_length_tokens",
-    "top_k",
-    "seed",
-    "image_2",
-    "image_3",
-]
 
 
 @pytest.fixture(scope="module")

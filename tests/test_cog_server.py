@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from cog_server import CogServer
+from cog_server import INPUT_ORDER, CogServer
 from paths import REPO_ROOT, TESTS_DATA, golden_image, tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
@@ -77,14 +77,7 @@ def test_openapi_is_the_committed_schema(server):
     committed = json.loads((REPO_ROOT / ".cog" / "openapi_schema.json").read_text())
     assert served == committed
     props = served["components"]["schemas"]["Input"]["properties"]
-    assert sorted(props, key=lambda n: props[n]["x-order"])[:6] == [
-        "image",
-        "prompt",
-        "temperature",
-        "top_p",
-        "repetition_penalty",
-        "max_length_tokens",
-    ]
+    assert sorted(props, key=lambda n: props[n]["x-order"])[:6] == INPUT_ORDER[:6]
     assert (
         props["max_length_tokens"] | {"default": 2048, "minimum": 0, "maximum": 4096}
         == (props["max_length_tokens"])
