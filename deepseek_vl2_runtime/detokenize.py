@@ -60,17 +60,36 @@ class StripEnds:
         return body
 
 
+class AnswerText:
+    """The user-facing answer as it streams, one id at a time: text of every id before
+    end-of-sentence (which is not shown), special tokens such as grounding tags kept, the whole
+    answer whitespace-stripped. Nothing else is removed. Concatenated, the pieces returned by
+    push() and finish() equal decode(ids).strip()."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_id: int) -> None:
+        self.decoder, self.strip, self.eos_id = IncrementalDecoder(tokenizer), StripEnds(), eos_id
+        self.ended = False
+
+    def push(self, token_id: int) -> str:
+        if token_id == self.eos_id:
+            self.ended = True
+        if self.ended:
+            return ""
+        return self.strip.feed(self.decoder.push(token_id))
+
+    def finish(self) -> str:
+        return self.strip.feed(self.decoder.flush())
+
+
 def answer_chunks(tokenizer: Tokenizer, tokens: Iterable[int], eos_id: int) -> Iterator[str]:
-    """The user-facing answer as it streams: text of every id before end-of-sentence (which is
-    not shown), special tokens such as grounding tags kept, the whole answer whitespace-stripped.
-    Nothing else is removed. Concatenated, the chunks equal decode(ids).strip()."""
-    decoder, strip = IncrementalDecoder(tokenizer), StripEnds()
+    """AnswerText over a whole sequence of ids: the non-empty chunks."""
+    answer = AnswerText(tokenizer, eos_id)
     for token in tokens:
-        if token == eos_id:
+        if answer.ended:
             break
-        text = strip.feed(decoder.push(token))
+        text = answer.push(token)
         if text:
             yield text
-    text = strip.feed(decoder.flush())
+    text = answer.finish()
     if text:
         yield text

@@ -1,9 +1,12 @@
 """DeepseekV2 decoder (the `language.*` half of the checkpoint).
 
 Mirrors `deepseek_vl2/models/modeling_deepseek.py` (official) for the math and the checkpoint
-key names, but is organised for inference: a preallocated KV cache owned by each attention
-module, a `prefill` that runs the whole prompt once, and a fixed-shape one-token `decode` step
-(no host synchronisation, so it can be captured in a CUDA graph).
+key names, but is organised for serving many sequences at once: each attention module owns one slice of a
+preallocated KV cache shared by all sequences, one cache *slot* (a row of max_seq + 1 positions)
+per sequence; `prefill` runs a chunk of one sequence's prompt into its slot, and `decode` runs
+one token for each of the first K slots in one batched, fixed-shape step (no host
+synchronisation, so it can be captured in a CUDA graph). Row i of a decode batch *is* slot i, so
+the cache is read in place, never gathered.
 
 MLA caches the compressed latent `c` (kv_lora_rank) and the shared rope key side by side in one
 buffer of width kv_lora_rank + qk_rope_head_dim; decode uses the absorbed form (queries are
@@ -14,6 +17,7 @@ mapped into latent space, values read straight from the latent), prefill the dec
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +27,31 @@ from .config import LanguageConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Span:
-    """Which cache entries a decode step attends to: the first `length` (eager: the host knows
-    the length, so nothing else is read), or all of them under a boolean `mask` [1, S] built on
-    the device (fixed shapes, for CUDA-graph capture)."""
+class Prefill:
+    """Attention context of a prompt chunk: positions start..start+T-1 of cache slot `slot`.
+    cos/sin [1, T, rope]."""
 
-    length: int | None = None
-    mask: torch.Tensor | None = None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot: int
+    start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """Attention context of a decode batch: row i is cache slot i, its new token at position
+    pos[i]; it attends to the first `length` cache entries under `mask` [K, length] (entry j
+    is visible to row i iff j <= pos[i]; None when K == 1 and length == pos + 1).
+    cos/sin [K, 1, rope]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pos: torch.Tensor
+    length: int
+    mask: torch.Tensor | None
+
+
+Context = Prefill | Decode
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +79,8 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split (NeoX) rotation. x [..., T, heads, d]; cos/sin [T, d]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """Half-split (NeoX) rotation. x [B, T, heads, d]; cos/sin [B or 1, T, d]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -93,16 +115,20 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(nh * self.v_dim, h, bias=False)
-        # [B, S, rank + rope]: latent ‖ rotated rope key. A buffer (not saved) so that compiled
-        # decode may update it in place inside a captured CUDA graph.
+        # [slots, max_seq + 1, rank + rope]: latent ‖ rotated rope key. A buffer (not saved) so
+        # that compiled decode may update it in place inside a captured CUDA graph.
         self.register_buffer("cache", None, persistent=False)
 
     def setup_cache(
-        self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+        self, slots: int, max_seq: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        self.cache = torch.zeros(batch, max_seq, self.rank + self.rope, device=device, dtype=dtype)
+        self.cache = torch.zeros(slots, max_seq, self.rank + self.rope, device=device, dtype=dtype)
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q_nope [B, T, nH, nope], rotated q_pe [B, T, nH, rope] and the cache
+        entry [B, T, rank + rope] (normed latent ‖ rotated shared rope key)."""
         b, t, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -112,50 +138,64 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_pe = apply_rope(deinterleave(q_pe), cos, sin)  # [B, T, nH, rope]
-        k_pe = apply_rope(deinterleave(k_pe)[:, :, None, :], cos, sin)[:, :, 0]  # [B, T, rope]
-        return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)  # kv entry [B, T, rank + rope]
+        q_pe = apply_rope(deinterleave(q_pe), cos, sin)
+        k_pe = apply_rope(deinterleave(k_pe)[:, :, None, :], cos, sin)[:, :, 0]
+        return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal attention over the T prompt tokens (positions 0..T-1); fills cache[:, :T]."""
-        b, t, _ = x.shape
-        q_nope, q_pe, kv = self._project(x, cos, sin)
-        self.cache[:b, :t] = kv
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.prefill(x, ctx) if isinstance(ctx, Prefill) else self.decode(x, ctx)
+
+    def prefill(self, x: torch.Tensor, ctx: Prefill) -> torch.Tensor:
+        """x [1, T, H]: a prompt chunk at positions start..start+T-1 of slot `ctx.slot`, causal
+        over everything cached before it and itself (decompressed form, one fused SDPA call)."""
+        _, t, _ = x.shape
+        q_nope, q_pe, kv = self._project(x, ctx.cos, ctx.sin)
+        end = ctx.start + t
+        self.cache[ctx.slot, ctx.start : end] = kv[0]
+        if ctx.start:  # later chunk: keys/values of the whole prefix, read back from the cache
+            kv = self.cache[ctx.slot : ctx.slot + 1, :end]
+        s = kv.shape[1]
         latent, k_pe = kv.split([self.rank, self.rope], dim=-1)
         k_nope, v = (
-            self.kv_b_proj(latent).view(b, t, self.n_heads, -1).split([self.nope, self.v_dim], -1)
+            self.kv_b_proj(latent).view(1, s, self.n_heads, -1).split([self.nope, self.v_dim], -1)
         )
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, nH, T, d]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [1, nH, T, d]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         # Fused SDPA kernels (flash on CPU and GPU) need one head width for q, k and v: pad v
         # with zeros to the q/k width (its extra output columns are zero) and cut them off.
         v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         out = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+            q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, **causal(ctx.start, t, x.device)
         )[..., : self.v_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(1, t, -1))
 
-    def decode(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, span: Span
-    ) -> torch.Tensor:
-        """One token per row at position `pos` [1], attending to the cache entries in `span`.
-
-        Absorbed form: the query is mapped into latent space, so each head is one row of a
-        [nH, rank + rope] x [rank + rope, S] product against the shared latent cache."""
-        b = x.shape[0]
-        q_nope, q_pe, kv = self._project(x, cos, sin)
-        self.cache[:b].index_copy_(1, pos, kv)
+    def decode(self, x: torch.Tensor, ctx: Decode) -> torch.Tensor:
+        """x [K, 1, H]: one token for each of the first K slots (absorbed form: the query is
+        mapped into latent space, so each head is one row of a [nH, rank + rope] x
+        [rank + rope, S] product against the slot's latent cache, read in place)."""
+        k = x.shape[0]
+        q_nope, q_pe, kv = self._project(x, ctx.cos, ctx.sin)
+        self.cache[torch.arange(k, device=x.device), ctx.pos] = kv[:, 0]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, : self.nope])  # absorb W_UK
-        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [B, nH, rank + rope]
-        cache = self.cache[:b, : span.length]  # [B, S, rank + rope]
-        scores = torch.bmm(q, cache.transpose(1, 2)) * self.scale  # [B, nH, S]
-        if span.mask is not None:
-            scores = scores.masked_fill(~span.mask, float("-inf"))
+        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [K, nH, rank + rope]
+        cache = self.cache[:k, : ctx.length]  # [K, S, rank + rope]
+        scores = torch.bmm(q, cache.transpose(1, 2)) * self.scale  # [K, nH, S]
+        if ctx.mask is not None:
+            scores = scores.masked_fill(~ctx.mask[:, None, :], float("-inf"))
         probs = scores.float().softmax(dim=-1).to(x.dtype)
-        out = torch.bmm(probs, cache[..., : self.rank])  # [B, nH, rank]
+        out = torch.bmm(probs, cache[..., : self.rank])  # [K, nH, rank]
         out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
-        return self.o_proj(out.reshape(b, 1, -1))
+        return self.o_proj(out.reshape(k, 1, -1))
+
+
+def causal(start: int, t: int, device: torch.device) -> dict[str, Any]:
+    """SDPA arguments for T queries at positions start..start+T-1 over keys 0..start+T-1: the
+    square causal flag for a first chunk (flash kernel), else an explicit bottom-right mask."""
+    if start == 0:
+        return {"is_causal": True}
+    keys = torch.arange(start + t, device=device)
+    return {"attn_mask": keys[None, :] <= (start + torch.arange(t, device=device))[:, None]}
 
 
 class MHAttention(nn.Module):
@@ -169,43 +209,51 @@ class MHAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
-        self.register_buffer("cache", None, persistent=False)  # [2, B, n_kv, S, d]
+        self.register_buffer("cache", None, persistent=False)  # [2, slots, n_kv, max_seq+1, d]
 
     def setup_cache(
-        self, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype
+        self, slots: int, max_seq: int, device: torch.device, dtype: torch.dtype
     ) -> None:
         self.cache = torch.zeros(
-            2, batch, self.n_kv, max_seq, self.head_dim, device=device, dtype=dtype
+            2, slots, self.n_kv, max_seq, self.head_dim, device=device, dtype=dtype
         )
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, -1), cos, sin).transpose(1, 2)
         k = apply_rope(self.k_proj(x).view(b, t, self.n_kv, -1), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, -1).transpose(1, 2)
         return q, k, v  # [B, heads, T, d]
 
-    def _attend(self, q, k, v, **kw) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
         b, _, t, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads, **kw)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._project(x, cos, sin)
-        b, t = x.shape[:2]
-        self.cache[0, :b, :, :t] = k
-        self.cache[1, :b, :, :t] = v
-        return self._attend(q, k, v, is_causal=True)
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.prefill(x, ctx) if isinstance(ctx, Prefill) else self.decode(x, ctx)
 
-    def decode(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, span: Span
-    ) -> torch.Tensor:
-        q, k, v = self._project(x, cos, sin)
-        b = x.shape[0]
-        self.cache[0, :b].index_copy_(2, pos, k)
-        self.cache[1, :b].index_copy_(2, pos, v)
-        keys, values = self.cache[0, :b, :, : span.length], self.cache[1, :b, :, : span.length]
-        return self._attend(q, keys, values, attn_mask=span.mask)
+    def prefill(self, x: torch.Tensor, ctx: Prefill) -> torch.Tensor:
+        q, k, v = self._project(x, ctx.cos, ctx.sin)
+        t, end = x.shape[1], ctx.start + x.shape[1]
+        self.cache[0, ctx.slot, :, ctx.start : end] = k[0]
+        self.cache[1, ctx.slot, :, ctx.start : end] = v[0]
+        if ctx.start:
+            k = self.cache[0, ctx.slot : ctx.slot + 1, :, :end]
+            v = self.cache[1, ctx.slot : ctx.slot + 1, :, :end]
+        return self._attend(q, k, v, **causal(ctx.start, t, x.device))
+
+    def decode(self, x: torch.Tensor, ctx: Decode) -> torch.Tensor:
+        q, k, v = self._project(x, ctx.cos, ctx.sin)
+        n = x.shape[0]
+        rows = torch.arange(n, device=x.device)
+        self.cache[0][rows, :, ctx.pos] = k[:, :, 0]  # [K, n_kv, d]
+        self.cache[1][rows, :, ctx.pos] = v[:, :, 0]
+        keys, values = self.cache[0, :n, :, : ctx.length], self.cache[1, :n, :, : ctx.length]
+        mask = None if ctx.mask is None else ctx.mask[:, None, None, :]
+        return self._attend(q, keys, values, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -266,13 +314,21 @@ class MoEGate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts + shared experts.
+    """Routed experts + shared experts, with three ways to run the routed part (same math):
 
-    Prefill groups tokens by expert and runs each hit expert once (a loop over experts, one host
-    sync for the counts). Decode gathers the selected experts' stacked weights and runs them as
-    one batched matmul: no host sync, fixed shapes. `stack_experts()` builds the stacked weights
-    after loading and turns each expert's parameters into views of them (no second copy).
+    - grouped: tokens sorted by expert, each hit expert runs once over its tokens (one host
+      sync for the counts): prefill everywhere, and every step of eager CPU decode;
+    - gathered: each token indexes its k experts in the stacked weights (no host sync): a
+      device decode step whose N tokens pick fewer than E expert slots in total;
+    - dense: every expert runs over all N tokens and each token keeps its k outputs (no host
+      sync, every expert's weights read once): a device decode batch large enough that it
+      would touch most experts anyway, up to DENSE_MAX_TOKENS (beyond which the wasted
+      (E - k) / E of the FLOPs would cost more than the weight reads they save).
+    `stack_experts()` builds the stacked weights after loading and turns each expert's
+    parameters into views of them (no second copy).
     """
+
+    DENSE_MAX_TOKENS = 256
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
@@ -315,27 +371,37 @@ class MoE(nn.Module):
         return out.view(n, k, -1)
 
     def _routed_gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One token [1, H] -> [1, k, H], indexing the stacked weights on the device (decode).
+        """[N, H] -> [N, k, H], indexing the stacked weights on the device.
 
         Written as gather + einsum so that torch.compile fuses the gather into the GEMV
         reduction: the selected experts' weights are read once, never copied (measured on CPU
         inductor at vl2-small shapes: 9 ms, the memcpy speed, vs 187 ms eager)."""
-        flat = ids.flatten()  # [k]
-        gate, up = torch.einsum("th,kph->kp", x, self.w13[flat]).chunk(2, dim=-1)
-        out = torch.einsum("kp,khp->kh", F.silu(gate) * up, self.w2[flat])
-        return out[None]
+        assert self.w13 is not None and self.w2 is not None
+        gate, up = torch.einsum("nh,nkph->nkp", x, self.w13[ids]).chunk(2, dim=-1)
+        return torch.einsum("nkp,nkhp->nkh", F.silu(gate) * up, self.w2[ids])
+
+    def _routed_dense(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, k, H]: all experts over all tokens (two batched matmuls), then each
+        token's k outputs picked."""
+        assert self.w13 is not None and self.w2 is not None
+        gate, up = torch.einsum("nh,eph->enp", x, self.w13).chunk(2, dim=-1)
+        out = torch.einsum("enp,ehp->neh", F.silu(gate) * up, self.w2)  # [N, E, H]
+        return out.gather(1, ids[:, :, None].expand(-1, -1, out.shape[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        # Decode on the device (CUDA, or any compiled step) must not read `ids` on the host;
-        # eager CPU has no device to wait for, and grouping by expert is its fastest path.
+        n, k = ids.shape
+        # A decode step on the device (CUDA, or any compiled step) must not read `ids` on the
+        # host; eager CPU has no device to wait for, and grouping by expert is its fastest path.
         on_device = flat.is_cuda or torch.compiler.is_compiling()
-        if self.w13 is not None and flat.shape[0] == 1 and on_device:
+        if self.w13 is None or not on_device or n > self.DENSE_MAX_TOKENS:
+            routed = self._routed_grouped(flat, ids)
+        elif n * k < len(self.experts):
             routed = self._routed_gathered(flat, ids)
         else:
-            routed = self._routed_grouped(flat, ids)
+            routed = self._routed_dense(flat, ids)
         y = (routed.float() * weights[:, :, None]).sum(dim=1).to(x.dtype).view(shape)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
@@ -352,8 +418,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, attend) -> torch.Tensor:
-        x = x + attend(self.self_attn, self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -368,7 +434,12 @@ class DeepseekV2Model(nn.Module):
 
 
 class DeepseekV2ForCausalLM(nn.Module):
-    """`language.*`. Call `setup_cache` once after loading; then `prefill` / `decode`."""
+    """`language.*`. Call `setup_cache` once after loading; then `prefill` / `decode`.
+
+    The cache has `slots` rows of max_seq + 1 positions: positions 0..max_seq-1 hold a
+    sequence, the spare last one takes the writes of decode rows that carry no sequence this
+    step (their slot is free or still prefilling), so a fixed-shape batch never disturbs them.
+    """
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
@@ -376,49 +447,65 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.model = DeepseekV2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq = 0
-        self.register_buffer("cos", None, persistent=False)  # [max_seq, rope_dim]
+        self.slots = 0
+        self.register_buffer("cos", None, persistent=False)  # [max_seq + 1, rope_dim]
         self.register_buffer("sin", None, persistent=False)
 
-    def setup_cache(self, max_seq: int, batch: int = 1) -> None:
-        """Allocate the KV cache and RoPE tables on the model's device and dtype."""
+    @property
+    def spare_position(self) -> int:
+        return self.max_seq
+
+    def setup_cache(self, max_seq: int, slots: int = 1) -> None:
+        """Allocate the KV cache (`slots` sequences of up to `max_seq` tokens) and the RoPE
+        tables on the model's device and dtype."""
         p = self.lm_head.weight
-        self.max_seq = max_seq
+        self.max_seq, self.slots = max_seq, slots
         self.cos, self.sin = rope_tables(
-            self.config.rope_dim, self.config.rope_theta, max_seq, p.device, p.dtype
+            self.config.rope_dim, self.config.rope_theta, max_seq + 1, p.device, p.dtype
         )
         for layer in self.model.layers:
-            layer.self_attn.setup_cache(batch, max_seq, p.device, p.dtype)
+            layer.self_attn.setup_cache(slots, max_seq + 1, p.device, p.dtype)
 
-    def _run(self, h: torch.Tensor, attend) -> torch.Tensor:
+    def cache_bytes_per_slot(self) -> int:
+        return sum(layer.self_attn.cache.nbytes for layer in self.model.layers) // self.slots
+
+    def _run(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         for layer in self.model.layers:
-            h = layer(h, attend)
+            h = layer(h, ctx)
         return self.model.norm(h)
 
-    def hidden_states(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H] for a prompt starting at position 0; fills the cache."""
+    def hidden_states(self, embeds: torch.Tensor, slot: int = 0, start: int = 0) -> torch.Tensor:
+        """Final-norm hidden states [1, T, H] of a prompt chunk at positions start..start+T-1
+        of cache slot `slot`, attending to the slot's earlier positions; fills the cache."""
         t = embeds.shape[1]
-        if t > self.max_seq:
-            raise ValueError(f"prompt of {t} tokens exceeds the cache of {self.max_seq}")
-        cos, sin = self.cos[:t], self.sin[:t]
-        return self._run(embeds, lambda attn, x: attn.prefill(x, cos, sin))
+        if start + t > self.max_seq:
+            raise ValueError(f"prompt of {start + t} tokens exceeds the cache of {self.max_seq}")
+        span = slice(start, start + t)
+        ctx = Prefill(self.cos[None, span], self.sin[None, span], slot, start)
+        return self._run(embeds, ctx)
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the last position only [B, V]."""
-        return self.lm_head(self.hidden_states(embeds)[:, -1]).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., V] of final-norm hidden states [..., H]."""
+        return self.lm_head(hidden).float()
+
+    def prefill(self, embeds: torch.Tensor, slot: int = 0, start: int = 0) -> torch.Tensor:
+        """Float32 logits of the chunk's last position only [1, V]."""
+        return self.logits(self.hidden_states(embeds, slot, start)[:, -1])
 
     def decode(
         self, token: torch.Tensor, pos: torch.Tensor, length: int | None = None
     ) -> torch.Tensor:
-        """token [B, 1] ids at position `pos` [1] (a device tensor) -> float32 logits [B, V].
+        """token [K, 1] ids for slots 0..K-1 at positions `pos` [K] (a device tensor) ->
+        float32 logits [K, V].
 
-        `length` = pos + 1 when the caller knows it on the host (eager decode then reads only the
-        filled part of the cache); None attends over the whole cache under a device-side mask."""
-        cos, sin = self.cos[pos], self.sin[pos]
-        if length is None:
-            span = Span(mask=(torch.arange(self.max_seq, device=pos.device) <= pos)[None])
-        else:
-            span = Span(length=length)
-        h = self._run(
-            self.model.embed_tokens(token), lambda attn, x: attn.decode(x, cos, sin, pos, span)
-        )
-        return self.lm_head(h[:, -1]).float()
+        `length` = the largest pos + 1 when the caller knows it on the host (eager decode then
+        reads only that much of the cache); None attends over the whole cache under the mask
+        (fixed shapes, for compilation / CUDA graphs)."""
+        n = token.shape[0]
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        span = self.max_seq + 1 if length is None else length
+        mask = None
+        if n > 1 or length is None:
+            mask = torch.arange(span, device=pos.device)[None, :] <= pos[:, None]
+        h = self._run(self.model.embed_tokens(token), Decode(cos, sin, pos, span, mask))
+        return self.logits(h[:, -1])

@@ -4,24 +4,28 @@ Device and dtype are decided here, once (bf16 on CUDA, float32 on CPU). A reques
 (or a conversation) plus PIL images; `encode` builds exactly the official processor's inputs,
 `stream` adds the product's request semantics on top: missing `<image>` tags are prepended (the
 official web demo's rule), the context is enforced, and the answer streams as text.
+
+Every way to the model goes through the pipeline's one `Engine` (engine.py), which serves any
+number of concurrent requests; a lone request is a batch of one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .chat_template import ASSISTANT, IMAGE_TAG, PAD, USER, Tokenizer, Turn, build_prompt
-from .detokenize import answer_chunks
+from .detokenize import AnswerText
+from .engine import Engine, EngineConfig, Token, TokenStream
 from .errors import CheckpointError, InputError
-from .generation import DecodeStep, generate_tokens
 from .image_io import SOURCE_SIZE
 from .image_processing import ImageBatch, TilingConfig, num_image_tokens, preprocess
 from .model import DeepseekVL2
@@ -111,73 +115,100 @@ class EncodedRequest:
 
 
 class TextStream(Iterator[str]):
-    """Text chunks of one answer, plus what a server wants to report about it."""
+    """Text chunks of one answer, plus what a server wants to report about it.
+
+    Iterate it (`for`), or `async for` it when `Pipeline.stream` was given an event loop. The
+    chunks are the answer as it streams: every id before end-of-sentence (which is not shown)
+    detokenized incrementally, special tokens such as grounding tags kept, the whole answer
+    whitespace-stripped; concatenated, they equal decode(ids).strip().
+    """
 
     def __init__(
-        self,
-        pipeline: Pipeline,
-        request: EncodedRequest,
-        params: SamplingParams,
-        max_new: int,
-        started: float,
+        self, pipeline: Pipeline, tokens: TokenStream, prompt_ids: list[int], seed: int, started: float
     ) -> None:
-        self.prompt_token_ids: list[int] = request.input_ids.tolist()
-        self.prompt_token_count = request.num_tokens
+        self.prompt_token_ids = prompt_ids
+        self.prompt_token_count = len(prompt_ids)
         self.output_token_count = 0  # generated ids, end-of-sentence included
-        self.seed = params.seed
-        self.finish_reason: str | None = None  # "eos" | "length" | "context" | "cancelled"
+        self.seed = seed
+        # "eos" | "length" | "context" | "cancelled" | "error"; None while generating
+        self.finish_reason: str | None = None
         self.time_to_first_token_s: float | None = None
         self.token_ids: list[int] = []  # answer ids, end-of-sentence excluded
+        self._tokens = tokens
         self._started = started
-        self._limit_reason = "context" if max_new < params.max_new_tokens else "length"
         self._eos = pipeline.tokenizer.eos_id
         self._context = pipeline.max_context
-        tokens = self._count(pipeline.generate_ids(request, params, max_new))
-        self._chunks = answer_chunks(pipeline.tokenizer, tokens, self._eos)
+        self._answer = AnswerText(pipeline.tokenizer, self._eos)
 
-    def _count(self, tokens: Iterator[int]) -> Iterator[int]:
-        for token in tokens:
-            if self.time_to_first_token_s is None:
-                self.time_to_first_token_s = time.perf_counter() - self._started
-            self.output_token_count += 1
-            if token == self._eos:
-                self.finish_reason = "eos"
-            else:
-                self.token_ids.append(token)
-            yield token
+    def _push(self, token: Token) -> str:
+        if self.time_to_first_token_s is None:
+            self.time_to_first_token_s = time.perf_counter() - self._started
+        self.output_token_count += 1
+        if token.id != self._eos:
+            self.token_ids.append(token.id)
+        return self._answer.push(token.id)
+
+    def _end(self) -> str:
+        finished = self._tokens.finished
+        self.finish_reason = finished.reason if finished is not None else "cancelled"
+        if self.finish_reason == "context":
+            log.warning(
+                "generation stopped at the end of the model's context (%d tokens): prompt %d + answer %d",
+                self._context,
+                self.prompt_token_count,
+                self.output_token_count,
+            )
+        return self._answer.finish()
 
     def __next__(self) -> str:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            if self.finish_reason is None:
-                self.finish_reason = self._limit_reason
-                if self._limit_reason == "context":
-                    log.warning(
-                        "generation stopped at the end of the model's context (%d tokens): prompt %d + answer %d",
-                        self._context,
-                        self.prompt_token_count,
-                        self.output_token_count,
-                    )
-            raise
+        if self.finish_reason is not None:
+            raise StopIteration
+        for token in self._tokens:
+            text = self._push(token)
+            if text:
+                return text
+        text = self._end()
+        if text:
+            return text
+        raise StopIteration
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.finish_reason is not None:
+            raise StopAsyncIteration
+        async for token in self._tokens:
+            text = self._push(token)
+            if text:
+                return text
+        text = self._end()
+        if text:
+            return text
+        raise StopAsyncIteration
 
     def close(self) -> None:
-        """Stop generating (cancellation); safe to call more than once."""
-        self._chunks.close()
+        """Stop generating (cancellation); the engine frees the cache at its next step. Safe to
+        call more than once."""
+        self._tokens.cancel()
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
 
 
 class Pipeline:
     def __init__(
-        self, model: DeepseekVL2, tokenizer: Tokenizer, tiling: TilingConfig, compile: bool = False
+        self,
+        model: DeepseekVL2,
+        tokenizer: Tokenizer,
+        tiling: TilingConfig,
+        engine: EngineConfig | None = None,
     ) -> None:
         self.model, self.tokenizer, self.tiling = model, tokenizer, tiling
-        self.decode_step = DecodeStep(model.language, compile)
         self.device = model.image_newline.device
         self.dtype = model.image_newline.dtype
         self.config = model.config
         self.max_context = model.config.language_config.max_position_embeddings
+        self.engine = Engine(model, tokenizer.eos_id, engine)
         self._forbidden = {
             t: i for t, i in tokenizer.special_ids.items() if t in (PAD, USER, ASSISTANT)
         }
@@ -192,34 +223,29 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         compile: bool = False,
+        engine: EngineConfig | None = None,
     ) -> Pipeline:
-        """Load once. `compile=True` compiles the decode step (CUDA graphs on GPU) and warms it
-        up here, so that the first request is as fast as the tenth."""
+        """Load once. `compile=True` compiles the decode step (a CUDA graph per batch bucket on
+        GPU) and warms it up here, so that the first request is as fast as the tenth."""
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
+        engine = dataclasses.replace(engine or EngineConfig(), compile=compile)
         start = time.perf_counter()
         verify_snapshot(path)
         tokenizer = Tokenizer.from_dir(path)
         model = load_model(path, device, dtype)
         log.info("loaded %s on %s/%s in %.2f s", path, device, dtype, time.perf_counter() - start)
-        pipe = cls(model, tokenizer, _tiling_config(path, model), compile)
+        start = time.perf_counter()
+        pipe = cls(model, tokenizer, _tiling_config(path, model), engine)
         if compile:
-            start = time.perf_counter()
-            pipe.warm_up()
             log.info(
                 "compiled and warmed up the decode step in %.1f s", time.perf_counter() - start
             )
         return pipe
 
-    @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Run the decode step a few times (compiles / captures it). Touches only cache slot 0,
-        which every prefill overwrites."""
-        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        for _ in range(3):
-            self.decode_step(token, pos, 1)
+    def close(self) -> None:
+        self.engine.close()
 
     # -- exact official semantics -------------------------------------------------------------
 
@@ -243,38 +269,32 @@ class Pipeline:
 
     @torch.inference_mode()
     def embed(self, request: EncodedRequest) -> torch.Tensor:
-        pixels = request.images.pixels.to(self.device)
-        return self.model.embed(
-            request.input_ids, request.image_mask, pixels, list(request.images.crops)
+        """inputs_embeds [1, T, H] (token embeddings with the image features in place)."""
+        return self.engine.embed(request)
+
+    def prefill_logits(self, request: EncodedRequest) -> torch.Tensor:
+        """Float32 logits [V] of the last prompt position, as the engine computes them for the
+        first answer token."""
+        self._check_fits(request)
+        params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1, seed=0)
+        (token,) = self.engine.submit(request, params, keep_logits=True)
+        assert token.logits is not None
+        return token.logits
+
+    def generate(
+        self, request: EncodedRequest, params: SamplingParams, *, keep_logits: bool = False
+    ) -> TokenStream:
+        """The engine's token stream for an encoded request (end-of-sentence included when
+        produced): validates the parameters and the context, draws a seed if none is given."""
+        params.validate()
+        self._check_fits(request)
+        return self.engine.submit(
+            request, numerically_safe(params.with_seed()), keep_logits=keep_logits
         )
 
-    @torch.inference_mode()
-    def prefill_logits(self, request: EncodedRequest) -> torch.Tensor:
-        """Float32 logits [V] of the last prompt position (one full forward)."""
-        self._check_fits(request)
-        return self.model.language.prefill(self.embed(request))[0]
-
-    def generate_ids(
-        self, request: EncodedRequest, params: SamplingParams, max_new_tokens: int | None = None
-    ) -> Iterator[int]:
-        """Token ids of the answer (end-of-sentence included when produced)."""
-        params.validate()
-        params = numerically_safe(params.with_seed())
-        self._check_fits(request)
-        budget = params.max_new_tokens if max_new_tokens is None else max_new_tokens
-        budget = min(budget, self.max_context - request.num_tokens)
-        generator = torch.Generator(self.device).manual_seed(params.seed)
-        with torch.inference_mode():
-            embeds = self.embed(request)
-            yield from generate_tokens(
-                self.decode_step,
-                embeds,
-                request.input_ids,
-                params,
-                self.tokenizer.eos_id,
-                budget,
-                generator,
-            )
+    def generate_ids(self, request: EncodedRequest, params: SamplingParams) -> list[int]:
+        """All answer ids of an encoded request (end-of-sentence included when produced)."""
+        return [token.id for token in self.generate(request, params)]
 
     def _check_fits(self, request: EncodedRequest) -> None:
         if request.num_tokens >= self.max_context:
@@ -304,22 +324,29 @@ class Pipeline:
             )
 
     def stream(
-        self, prompt: str, images: Sequence[Image.Image], params: SamplingParams
+        self,
+        prompt: str,
+        images: Sequence[Image.Image],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> TextStream:
-        """Validate and encode now (raising InputError), then stream the answer's text."""
+        """Validate and encode now (raising InputError), then stream the answer's text (`async
+        for` it when `loop` is given: the running event loop that will read it)."""
         started = time.perf_counter()
         self.validate_prompt(prompt)
         params.validate()
-        params = params.with_seed()
+        params = numerically_safe(params.with_seed())
         request = self.encode(place_images(prompt, len(images)), images)
         self._check_fits(request)
-        max_new = min(params.max_new_tokens, self.max_context - request.num_tokens)
-        if max_new < params.max_new_tokens:
+        room = self.max_context - request.num_tokens
+        if room < params.max_new_tokens:
             log.warning(
                 "prompt %d + max_new_tokens %d exceeds the context of %d tokens: at most %d new tokens",
                 request.num_tokens,
                 params.max_new_tokens,
                 self.max_context,
-                max_new,
+                room,
             )
-        return TextStream(self, request, params, max_new, started)
+        tokens = self.engine.submit(request, params, loop=loop)
+        assert params.seed is not None
+        return TextStream(self, tokens, request.input_ids.tolist(), params.seed, started)

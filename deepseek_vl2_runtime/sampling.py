@@ -63,35 +63,54 @@ class SamplingParams:
         return dataclasses.replace(self, seed=int.from_bytes(os.urandom(8), "little") & MAX_SEED)
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: float
-) -> torch.Tensor:
-    """Every token already in the sequence (`seen` [V] bool): positive logits / penalty, negative * penalty."""
-    if penalty == 1.0:
+Value = float | torch.Tensor  # one value for every row, or a [B, 1] column (one per row)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Value) -> torch.Tensor:
+    """Every token already in the sequence (`seen`, bool like logits): positive logits / penalty,
+    negative * penalty."""
+    if isinstance(penalty, float | int) and penalty == 1.0:
         return logits
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep every logit >= the k-th largest (ties at the threshold survive, as upstream)."""
-    if k <= 0 or k >= logits.shape[-1]:
+def apply_temperature(logits: torch.Tensor, temperature: Value) -> torch.Tensor:
+    if isinstance(temperature, float | int) and temperature == 1.0:
         return logits
-    threshold = torch.topk(logits, k).values[..., -1:]
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    return logits / temperature
 
 
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Drop the least likely tokens whose cumulative probability is <= 1 - top_p; keep >= 1."""
-    if top_p >= 1.0:
+def apply_top_k(
+    logits: torch.Tensor, k: int | torch.Tensor, k_max: int | None = None
+) -> torch.Tensor:
+    """Keep every logit >= the k-th largest (ties at the threshold survive, as upstream).
+    k <= 0 or k >= V keeps everything; a [B, 1] k filters each row by its own k (`k_max`, the
+    largest k that filters, known on the host, spares a device read)."""
+    vocab = logits.shape[-1]
+    if isinstance(k, int):
+        if k <= 0 or k >= vocab:
+            return logits
+        threshold = torch.topk(logits, k).values[..., -1:]
+        return logits.masked_fill(logits < threshold, float("-inf"))
+    off = (k <= 0) | (k >= vocab)
+    kmax = int(k.masked_fill(off, 1).max()) if k_max is None else max(k_max, 1)
+    values = torch.topk(logits, kmax).values  # [B, kmax], descending
+    threshold = values.gather(-1, (k.masked_fill(off, 1) - 1).clamp(max=kmax - 1))
+    return logits.masked_fill((logits < threshold) & ~off, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: Value) -> torch.Tensor:
+    """Drop the least likely tokens whose cumulative probability is <= 1 - top_p; keep >= 1.
+    A [B, 1] top_p is float64, so that 1 - top_p rounds exactly as for a Python float."""
+    if isinstance(top_p, float | int) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - top_p)
+    if isinstance(top_p, torch.Tensor):
+        drop_sorted = (cumulative <= (1 - top_p).to(cumulative.dtype)) & (top_p < 1.0)
+    else:
+        drop_sorted = cumulative <= (1 - top_p)
     drop_sorted[..., -1:] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
@@ -100,7 +119,8 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def process_logits(
     logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams
 ) -> torch.Tensor:
-    """The scores the draw sees: penalty, then (when sampling) temperature, top-k, top-p."""
+    """The scores the draw sees for one request: penalty, then (when sampling) temperature,
+    top-k, top-p. logits/seen [V] or [B, V]."""
     scores = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return scores
@@ -110,16 +130,42 @@ def process_logits(
 
 
 def sample(
-    logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
 ) -> torch.Tensor:
-    """Next token id (a 0-d device tensor). Greedy at temperature 0 (first index on ties).
+    """Next token ids [B] for logits/seen [B, V], row i with its own params[i] and generator[i].
 
-    Sampling draws argmax(p / E) with E ~ Exp(1) i.i.d., an exact draw from the categorical p
-    that needs no host round trip (unlike torch.multinomial on some backends).
+    Greedy rows (temperature 0) take the argmax of the penalised logits (first index on ties).
+    Sampled rows draw argmax(p / E) with E ~ Exp(1) i.i.d. from the row's own generator: an
+    exact draw from the categorical p that needs no host round trip (unlike torch.multinomial
+    on some backends). A row's result depends only on its own logits, params and generator, so
+    a request samples the same tokens alone and inside any batch.
     """
-    scores = process_logits(logits, seen, params)
-    if params.temperature == 0:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    device = logits.device
+
+    def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
+    penalty = column([p.repetition_penalty for p in params], logits.dtype)
+    scores = apply_repetition_penalty(logits, seen, penalty)
+    greedy = scores.argmax(dim=-1)
+    drawn = [i for i, p in enumerate(params) if p.temperature != 0]
+    if not drawn:
+        return greedy
+    rows = [params[i] for i in drawn]
+    picked = scores[drawn] if len(drawn) < len(params) else scores
+    picked = apply_temperature(picked, column([p.temperature for p in rows], logits.dtype))
+    ks = [p.top_k for p in rows]
+    filtering = [k for k in ks if 0 < k < logits.shape[-1]]
+    picked = apply_top_k(picked, column(ks, torch.long), max(filtering, default=1))
+    picked = apply_top_p(picked, column([p.top_p for p in rows], torch.float64))
+    probs = picked.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for row, i in enumerate(drawn):
+        noise[row].exponential_(1.0, generator=generators[i])
+    ids = (probs / noise).argmax(dim=-1)
+    if len(drawn) == len(params):
+        return ids
+    return greedy.index_copy(0, torch.tensor(drawn, device=device), ids)

@@ -1,0 +1,456 @@
+"""The engine: the only caller of the model's forward, serving many sequences at once.
+
+One scheduling thread owns the model, the KV cache and all device work. Requests (already
+validated and encoded: `EncodedRequest` + `SamplingParams`) join a FIFO queue; each step of the
+loop
+
+1. drops cancelled sequences and returns their cache slots;
+2. admits queued requests while cache slots are free (a request that gets none waits);
+3. prefills one chunk (`prefill_chunk` tokens) of the oldest admitted prompt, encoding its images
+   first when the chunk is its first, so a long image prompt delays the running streams by one
+   chunk per step, never by its whole prefill;
+4. runs one batched decode step for every decoding sequence (row i of the batch is cache slot i;
+   on CUDA with `compile`, a CUDA graph per batch-size bucket);
+5. samples each row with its request's own parameters and `torch.Generator`, emits the ids, and
+   stops each sequence on its own terms (end of sentence, its token budget, the context end).
+
+The engine knows nothing about text. Chunk boundaries are fixed multiples of `prefill_chunk`
+from each prompt's start and sampling is per row, so a request computes the same numbers
+(up to the float reduction order of a batched matmul) alone or inside any batch.
+
+A failure inside one sequence (its image encoding, its prefill) fails that sequence alone, with
+the original exception as the stream's error; a failing decode step fails the sequences in it; an error in the loop itself fails every waiting
+and running request, and `healthy` turns False. Nothing blocks forever: every stream ends with a
+`Finished` item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .language import DeepseekV2ForCausalLM
+from .sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from .model import DeepseekVL2
+    from .pipeline import EncodedRequest
+
+log = logging.getLogger("deepseek_vl2_runtime")
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Device memory kept free beside the KV cache for activations: vision over 3 images x 10 tiles,
+# a prefill chunk, the decode step's logits (vl2-small needs well under this).
+ACTIVATION_RESERVE_BYTES = 3 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """max_batch: sequences that run at once (the cache slots, at most); prefill_chunk: prompt
+    tokens per prefill chunk; cache_bytes: KV cache budget (default: free device memory less
+    ACTIVATION_RESERVE_BYTES on CUDA; max_batch full contexts on CPU); compile: the decode
+    step through torch.compile (a CUDA graph per batch bucket on CUDA)."""
+
+    max_batch: int = 32
+    prefill_chunk: int = 512
+    cache_bytes: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.prefill_chunk < 1:
+            raise ValueError(f"invalid engine configuration {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One generated id; `logits` (float32 [V], on the CPU) only for requests that keep them."""
+
+    id: int
+    logits: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The last item of every stream. reason: eos | length | context | cancelled | error."""
+
+    reason: str
+    error: BaseException | None = None
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request for a reason that is not the request's fault."""
+
+
+class TokenStream:
+    """What the engine emits for one request, read by one consumer: `Token`s, then `Finished`.
+
+    Iterate it (blocking; CLI, tests, benchmark) or `async for` it when it was created with an
+    event loop (the Cog predictor): the engine thread then hands items over with
+    `loop.call_soon_threadsafe`. Iteration yields the tokens and ends at `Finished`, raising its
+    error if there is one. `cancel()` asks the engine to stop and free the cache at its next
+    step; safe from any thread, any number of times.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._items: queue.SimpleQueue | asyncio.Queue
+        self._items = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self.cancelled = False
+        self.finished: Finished | None = None
+        self._wake: threading.Condition | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._wake is not None:
+            with self._wake:
+                self._wake.notify()
+
+    def _emit(self, item: Token | Finished) -> bool:
+        """Engine side. False when the consumer's event loop is gone (treated as a cancel)."""
+        if self._loop is None:
+            self._items.put(item)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # event loop closed: nobody is listening any more
+            self.cancelled = True
+            return False
+        return True
+
+    def _end(self, item: Token | Finished) -> Token:
+        if isinstance(item, Token):
+            return item
+        self.finished = item
+        if item.error is not None:
+            raise item.error
+        raise StopIteration
+
+    def __iter__(self) -> Iterator[Token]:
+        return self
+
+    def __next__(self) -> Token:
+        if self.finished is not None:
+            raise StopIteration
+        return self._end(self._items.get())
+
+    def __aiter__(self) -> AsyncIterator[Token]:
+        return self
+
+    async def __anext__(self) -> Token:
+        if self.finished is not None:
+            raise StopAsyncIteration
+        try:
+            return self._end(await self._items.get())
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    """A request inside the engine: queued -> prefilling -> decoding -> finished."""
+
+    request: EncodedRequest
+    params: SamplingParams
+    budget: int  # new tokens at most
+    limit: str  # finish reason when the budget runs out: "length" or "context"
+    stream: TokenStream
+    generator: torch.Generator
+    keep_logits: bool
+    slot: int = -1
+    embeds: torch.Tensor | None = None  # [T, H] while prefilling
+    filled: int = 0  # prompt positions in the cache
+    last: int = -1  # the id to feed to the next decode step
+    generated: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.filled == self.request.num_tokens and self.generated > 0
+
+
+class DecodeStep:
+    """`lm.decode` as the engine calls it: token ids [K, 1] for slots 0..K-1 at positions [K].
+
+    Eager, it reads only the filled part of the cache (`length`). Compiled (`torch.compile`,
+    fixed shapes: the batch padded to a bucket, the whole cache under the position mask), it is
+    one fused program per bucket; on CUDA "reduce-overhead" also captures each as a CUDA graph.
+    """
+
+    def __init__(self, lm: DeepseekV2ForCausalLM, compile: bool) -> None:
+        self.lm = lm
+        self.compiled = None
+        self.cuda = lm.lm_head.weight.device.type == "cuda"
+        if compile:
+            mode = "reduce-overhead" if self.cuda else "default"
+            self.compiled = torch.compile(lm.decode, fullgraph=True, dynamic=False, mode=mode)
+
+    def rows(self, k: int) -> int:
+        """The batch size a step for slots 0..k-1 runs at (its bucket when compiled)."""
+        if self.compiled is None:
+            return k
+        return next((b for b in BUCKETS if b >= k), k)
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Float32 logits [len(tokens), V]."""
+        device = self.lm.lm_head.weight.device
+        token = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+        if self.compiled is None:
+            length = max(p for p in positions if p != self.lm.spare_position) + 1
+            return self.lm.decode(token, pos, length)
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(token, pos)
+
+
+class Engine:
+    def __init__(self, model: DeepseekVL2, eos_id: int, config: EngineConfig | None = None) -> None:
+        self.model, self.eos_id = model, eos_id
+        self.config = config or EngineConfig()
+        self.lm: DeepseekV2ForCausalLM = model.language
+        self.device = model.image_newline.device
+        self.max_context = model.config.language_config.max_position_embeddings
+        self.slots = self._size_cache()
+        self.step = DecodeStep(self.lm, self.config.compile)
+        vocab = model.config.language_config.vocab_size
+        self._seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=self.device)
+        self._free = list(range(self.slots))  # kept sorted: the lowest slot is taken first
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []  # admission order
+        self._cv = threading.Condition()
+        self._closing = False
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deepseek-vl2-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise EngineError(f"the engine failed to start: {self.error}") from self.error
+
+    # -- cache -----------------------------------------------------------------------------
+
+    def _size_cache(self) -> int:
+        """Cache slots for the budget (never more than max_batch), allocated now."""
+        self.lm.setup_cache(self.max_context, 1)
+        per_slot = self.lm.cache_bytes_per_slot()
+        budget = self.config.cache_bytes
+        if budget is None and self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0] + self.lm.slots * per_slot
+            budget = free - ACTIVATION_RESERVE_BYTES
+        slots = self.config.max_batch if budget is None else min(self.config.max_batch, budget // per_slot)
+        if slots < 1:
+            raise EngineError(
+                f"not enough memory for the KV cache of one {self.max_context}-token sequence "
+                f"({per_slot / 2**20:.0f} MiB; budget {max(budget or 0, 0) / 2**20:.0f} MiB)"
+            )
+        self.lm.setup_cache(self.max_context, int(slots))
+        log.info(
+            "KV cache: %d sequences of %d tokens, %.1f MiB",
+            slots,
+            self.max_context,
+            slots * per_slot / 2**20,
+        )
+        return int(slots)
+
+    @property
+    def free_slots(self) -> int:
+        """Cache slots not held by a sequence (all of them when the engine is idle)."""
+        with self._cv:
+            return len(self._free)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    # -- front door ------------------------------------------------------------------------
+
+    def embed(self, request: EncodedRequest) -> torch.Tensor:
+        """inputs_embeds [1, T, H] of a request (token embeddings with the image features)."""
+        pixels = request.images.pixels.to(self.device)
+        return self.model.embed(
+            request.input_ids, request.image_mask, pixels, list(request.images.crops)
+        )
+
+    def submit(
+        self,
+        request: EncodedRequest,
+        params: SamplingParams,
+        *,
+        keep_logits: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> TokenStream:
+        """Queue a request whose params were validated and carry a seed; returns its stream.
+        The answer stops at params.max_new_tokens or at the context end, whichever is first."""
+        room = self.max_context - request.num_tokens
+        if room <= 0:
+            raise ValueError(f"a prompt of {request.num_tokens} tokens leaves no room")
+        budget = min(params.max_new_tokens, room)
+        seq = _Sequence(
+            request=request,
+            params=params,
+            budget=budget,
+            limit="context" if budget < params.max_new_tokens else "length",
+            stream=TokenStream(loop),
+            generator=torch.Generator(self.device).manual_seed(params.seed),
+            keep_logits=keep_logits,
+        )
+        seq.stream._wake = self._cv
+        if budget == 0:
+            seq.stream._emit(Finished(seq.limit))
+            return seq.stream
+        with self._cv:
+            if not self.healthy or self._closing:
+                raise EngineError(self._dead_message())
+            self._waiting.append(seq)
+            self._cv.notify()
+        return seq.stream
+
+    def close(self) -> None:
+        """Stop the loop (pending requests are failed) and wait for it."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                if self.step.compiled is not None:
+                    self._warm_up()
+                self._ready.set()
+                while self._next():
+                    self._reap()
+                    self._admit()
+                    self._prefill()
+                    self._decode()
+        except BaseException as exc:
+            self.error = exc
+            log.error("the engine stopped: %s", exc, exc_info=exc)
+        finally:
+            self._ready.set()
+            self._fail_all()
+
+    def _next(self) -> bool:
+        """Wait until there is work; False when the engine is closing."""
+        with self._cv:
+            while not (self._closing or self._waiting or self._active):
+                self._cv.wait()
+            return not self._closing
+
+    def _warm_up(self) -> None:
+        """Compile (capture) the decode step of every batch bucket up to the slot count. Only
+        the spare cache position is written."""
+        spare = self.lm.spare_position
+        for rows in sorted({self.step.rows(k) for k in range(1, self.slots + 1)}):
+            for _ in range(3):
+                self.step([0] * rows, [spare] * rows)
+
+    def _finish(self, seq: _Sequence, reason: str, error: BaseException | None = None) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        with self._cv:
+            if seq.slot >= 0:
+                self._free.append(seq.slot)
+                self._free.sort()
+                seq.slot = -1
+        seq.embeds = None
+        seq.stream._emit(Finished(reason, error))
+
+    def _reap(self) -> None:
+        with self._cv:
+            dropped = [s for s in self._waiting if s.stream.cancelled]
+            for seq in dropped:
+                self._waiting.remove(seq)
+        for seq in dropped + [s for s in self._active if s.stream.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                if not self._waiting or not self._free:
+                    return
+                seq = self._waiting.popleft()
+                if seq.stream.cancelled:
+                    seq.stream._emit(Finished("cancelled"))
+                    continue
+                seq.slot = self._free.pop(0)
+            self._seen[seq.slot].zero_()
+            self._seen[seq.slot, seq.request.input_ids] = True
+            self._active.append(seq)
+
+    def _prefill(self) -> None:
+        seq = next((s for s in self._active if s.generated == 0), None)
+        if seq is None:
+            return
+        try:
+            if seq.embeds is None:
+                seq.embeds = self.embed(seq.request)[0]
+            start = seq.filled
+            chunk = seq.embeds[start : start + self.config.prefill_chunk][None]
+            hidden = self.lm.hidden_states(chunk, seq.slot, start)
+            seq.filled += chunk.shape[1]
+            if seq.filled < seq.request.num_tokens:
+                return
+            seq.embeds = None
+            logits = self.lm.logits(hidden[:, -1])  # [1, V]
+            self._sample([seq], logits)
+        except Exception as exc:
+            log.error("request failed in prefill: %s", exc, exc_info=exc)
+            self._finish(seq, "error", exc)
+
+    def _decode(self) -> None:
+        rows = [s for s in self._active if s.decoding]
+        if not rows:
+            return
+        n = self.step.rows(max(s.slot for s in rows) + 1)
+        tokens, positions = [0] * n, [self.lm.spare_position] * n
+        for s in rows:
+            tokens[s.slot] = s.last
+            positions[s.slot] = s.request.num_tokens + s.generated - 1
+        try:
+            logits = self.step(tokens, positions)
+            slots = torch.tensor([s.slot for s in rows], device=self.device)
+            self._sample(rows, logits.index_select(0, slots))
+        except Exception as exc:
+            log.error("decode step failed for %d request(s): %s", len(rows), exc, exc_info=exc)
+            for s in rows:
+                self._finish(s, "error", exc)
+
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample one id per row (logits [len(rows), V]), emit it, apply the stop rules."""
+        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        seen = self._seen.index_select(0, slots)
+        ids = sample(logits, seen, [s.params for s in rows], [s.generator for s in rows])
+        self._seen[slots, ids] = True
+        kept = {i: logits[i].cpu() for i, s in enumerate(rows) if s.keep_logits}
+        for i, (seq, token) in enumerate(zip(rows, ids.tolist(), strict=True)):
+            seq.generated += 1
+            seq.last = token
+            if not seq.stream._emit(Token(token, kept.get(i))):
+                self._finish(seq, "cancelled")
+            elif token == self.eos_id:
+                self._finish(seq, "eos")
+            elif seq.generated == seq.budget:
+                self._finish(seq, seq.limit)
+
+    def _dead_message(self) -> str:
+        if self._closing:
+            return "the engine is shutting down"
+        return f"the engine stopped after an internal error ({self.error}); restart the server"
+
+    def _fail_all(self) -> None:
+        error = EngineError(self._dead_message())
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting + list(self._active):
+            self._finish(seq, "error", error)
+
