@@ -10,16 +10,15 @@ they are compared against a text-only request (our product prepends the tag inst
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from golden import CASES, Golden, golden_inputs
 from PIL import Image
 from safetensors.torch import load_file
 
 from deepseek_vl2_runtime import Pipeline, SamplingParams
-from deepseek_vl2_runtime.chat_template import IMAGE_TAG, Turn
 from deepseek_vl2_runtime.pipeline import place_images
 from deepseek_vl2_runtime.sampling import (
     apply_repetition_penalty,
@@ -29,23 +28,10 @@ from deepseek_vl2_runtime.sampling import (
     process_logits,
 )
 
-from checkpoints import GOLDEN
 from paths import SHARED_GOLDEN
 
-CASES = {
-    "mla": (GOLDEN / "cases" / "mla", GOLDEN / "inputs"),
-    "realtok": (SHARED_GOLDEN / "cases" / "realtok", SHARED_GOLDEN / "inputs_realtok"),
-}
 EMBED_ATOL, LOGIT_ATOL, PROB_ATOL = 1e-4, 1e-3, 1e-4
-
-
-def _inputs(case: str) -> list[str]:
-    root, _ = CASES[case]
-    index = root / "golden" / "index.json"
-    if not index.exists():
-        return []
-    return [i["id"] for i in json.loads(index.read_text())["inputs"]]
-
+_inputs = golden_inputs
 
 PARAMS = [pytest.param(c, i, id=f"{c}/{i}") for c in CASES for i in _inputs(c)]
 if not _inputs("realtok"):  # the 78 MB realtok set is read from ../shared (present in CI)
@@ -64,27 +50,6 @@ def pipelines():
         return cache[case]
 
     return get
-
-
-class Golden:
-    def __init__(self, case: str, input_id: str) -> None:
-        root, self.images_dir = CASES[case]
-        d = root / "golden" / input_id
-        self.record = json.loads((d / "record.json").read_text())
-        self.tensors = load_file(d / "tensors.safetensors")
-        self.dir = d
-
-    def request(self):
-        """(turns, images) as the official pipeline saw them: untagged images are dropped."""
-        turns, images = [], []
-        for t in self.record["conversation_input"]:
-            turns.append(Turn(t["user"], t.get("assistant")))
-            names = t.get("images") or []
-            if names and t["user"].count(IMAGE_TAG) == len(names):
-                images += [Image.open(self.images_dir / n).convert("RGB") for n in names]
-            else:
-                assert t["user"].count(IMAGE_TAG) == 0, "partially tagged turns are not in the set"
-        return turns, images
 
 
 @pytest.mark.parametrize("case,input_id", PARAMS)
