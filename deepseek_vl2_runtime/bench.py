@@ -20,7 +20,7 @@ with --json the last stdout line is one JSON object:
 
 Method: fixed seeds, one warm-up, medians over `--repeats` (at most 3 for images above 4 MP).
 Timings are host `perf_counter` reads after `torch.cuda.synchronize()` on CUDA. Decode runs the
-production loop (`generate_tokens`, product sampling defaults, end-of-sentence ignored) for
+production loop (the engine at batch 1, product sampling defaults, end-of-sentence ignored) for
 exactly N tokens on the first image; its figure is the median interval between yielded ids.
 The bound is the bytes of weights one decode step must read (from the config, no KV cache)
 over the device bandwidth measured in the same run by a large device-to-device copy.
@@ -45,13 +45,20 @@ import torch
 from PIL import Image
 
 from .config import LanguageConfig, VL2Config
-from .generation import DecodeStep, generate_tokens
+from .engine import Engine, EngineConfig
 from .image_io import load_image
 from .image_processing import TilingConfig, num_image_tokens, preprocess
 from .model import DeepseekVL2
 from .pipeline import EncodedRequest, Pipeline, default_dtype
+from .random_weights import (  # noqa: F401 (re-exported: the benchmark's --random small)
+    SMALL_CONFIG,
+    available_bytes,
+    estimate_bytes,
+    init_random_,
+    random_model,
+    small_config,
+)
 from .sampling import SamplingParams, sample
-from .weights import prepare_for_inference
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SIZES = ((384, 384), (640, 480), (1024, 768), (4032, 3024))
@@ -60,36 +67,6 @@ DECODE_SIZE = (640, 480)
 BIG_IMAGE_PIXELS = 4_000_000
 PROMPT = "Describe this image."
 
-# vl2-small's config.json (reference spec §1.2-1.3); the 23 candidate resolutions are all
-# (384m, 384n) with m*n <= 9, in the config's order (ties depend on it).
-_TILES = [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (2, 2), (1, 5), (5, 1), (1, 6)]
-_TILES += [(6, 1), (2, 3), (3, 2), (1, 7), (7, 1), (1, 8), (8, 1), (2, 4), (4, 2), (1, 9), (9, 1)]
-_TILES += [(3, 3)]
-# fmt: off
-SMALL_CONFIG = {
-    "model_type": "deepseek_vl_v2", "tile_tag": "2D", "global_view_pos": "head",
-    "candidate_resolutions": [[384 * m, 384 * n] for m, n in _TILES],
-    "vision_config": {
-        "model_name": "siglip_so400m_patch14_384", "image_size": 384, "patch_size": 14,
-        "width": 1152, "layers": 27, "heads": 16, "mlp_ratio": 3.7362,
-    },
-    "projector_config": {
-        "projector_type": "downsample_mlp_gelu", "input_dim": 1152, "n_embed": 2048, "depth": 2,
-        "mlp_ratio": 1, "downsample_ratio": 2,
-    },
-    "language_config": {
-        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "use_mla": True, "q_lora_rank": None, "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 2,
-        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
-        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-        "n_group": 1, "topk_group": 1, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-    },
-}
-# fmt: on
 # Stand-in prompt ids for --random (vl2-small's tokenizer ids; the text ids are arbitrary):
 # BOS "<|User|>" ":" " " <image>*n "\n" text "\n" "\n" "<|Assistant|>" ":".
 BOS, USER, ASSISTANT, IMAGE, COLON, SPACE, NEWLINE = 100000, 100009, 100010, 100003, 25, 207, 185
@@ -109,10 +86,6 @@ OFFICIAL_CPU_REFERENCE = {
     "peak_rss_mb": 600,
 }
 TINY_MLA = {"hidden_size": 64, "num_hidden_layers": 3, "vocab_size": 1024, "kv_lora_rank": 32}
-
-
-def small_config() -> VL2Config:
-    return VL2Config.from_dict(SMALL_CONFIG)
 
 
 # -- what a decode step must read -----------------------------------------------------------
@@ -155,64 +128,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def estimate_bytes(model: DeepseekVL2, dtype: torch.dtype) -> int:
-    """Weights + KV cache + RoPE tables + the largest transient of `stack_experts` + 2 GiB for
-    activations (a 4096-token prefill)."""
-    lc = model.config.language_config
-    weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    per_pos = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.hidden_size
-    cache = lc.num_hidden_layers * lc.max_position_embeddings * (per_pos + 2 * lc.rope_dim)
-    stacked = 3 * (lc.n_routed_experts or 0) * lc.hidden_size * lc.moe_intermediate_size
-    return weights + (cache + stacked) * dtype.itemsize + 2 * 2**30
-
-
-@torch.no_grad()
-def init_random_(model: DeepseekVL2, generator: torch.Generator) -> None:
-    """Seeded values drawn on the device: N/sqrt(fan_in) weights, 1+0.1N norm weights, 0.02N
-    biases, N(0,1) embeddings and the two learned vectors, 0.5N position embeddings."""
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.normal_(0.0, 0.02, generator=generator)
-        elif p.ndim == 1 and name.endswith("weight"):  # RMSNorm / LayerNorm
-            p.normal_(1.0, 0.1, generator=generator)
-        elif name == "vision.pos_embed":
-            p.normal_(0.0, 0.5, generator=generator)
-        elif p.ndim == 1 or name.endswith("embed_tokens.weight"):
-            p.normal_(0.0, 1.0, generator=generator)
-        else:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
-
-
-def random_model(
-    config: VL2Config, device: torch.device, dtype: torch.dtype, seed: int
-) -> DeepseekVL2:
-    """vl2-small shapes with random weights, built on the meta device, then allocated and filled
-    on `device` (no host copy). Exits with a message first if it cannot fit."""
-    with torch.device("meta"):
-        model = DeepseekVL2(config)
-    need, have = estimate_bytes(model, dtype), available_bytes(device)
-    if need > have:
-        n_params = sum(p.numel() for p in model.parameters())
-        raise SystemExit(
-            f"--random small needs about {need / 2**30:.1f} GiB on {device} "
-            f"({n_params / 1e9:.1f} B parameters in {dtype_name(dtype)}, KV cache, activations) "
-            f"but only {have / 2**30:.1f} GiB is available; use a GPU (--device cuda) with more "
-            "memory, or --weights with a smaller checkpoint"
-        )
-    model = model.to(dtype).to_empty(device=device)  # dtype first: no float32 allocation
-    init_random_(model, torch.Generator(device).manual_seed(seed))
-    return prepare_for_inference(model)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -222,10 +137,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclasses.dataclass
 class Runtime:
-    """What the benchmark drives: the model, its decode step and its request encoder."""
+    """What the benchmark drives: the model, the engine that decodes (batch 1, end-of-sentence
+    ignored: eos id -1) and its request encoder."""
 
     model: DeepseekVL2
-    step: DecodeStep
+    engine: Engine
     encode: Callable[[Sequence[Image.Image]], EncodedRequest]
     load_s: float
     compile_s: float | None
@@ -235,19 +151,14 @@ class Runtime:
         return self.model.image_newline.device
 
 
-class _TimedPipeline(Pipeline):
-    """Pipeline whose warm-up (compilation) is timed, so that load and compile times are apart."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.compile_s: float | None = None
-
-    def warm_up(self) -> None:
-        sync(self.device)
-        start = time.perf_counter()
-        super().warm_up()
-        sync(self.device)
-        self.compile_s = time.perf_counter() - start
+def batch1_engine(model: DeepseekVL2, compile: bool) -> tuple[Engine, float | None]:
+    """One-slot engine that ignores end-of-sentence; with compile, the seconds its warm-up
+    (compilation, CUDA-graph capture) took."""
+    sync(model.image_newline.device)
+    start = time.perf_counter()
+    engine = Engine(model, -1, EngineConfig(max_batch=1, compile=compile))
+    sync(model.image_newline.device)
+    return engine, (time.perf_counter() - start) if compile else None
 
 
 def load_weights(
@@ -255,16 +166,16 @@ def load_weights(
 ) -> tuple[Runtime, VL2Config]:
     sync(device)
     start = time.perf_counter()
-    pipe = _TimedPipeline.load(path, device, dtype, compile=compile)
+    pipe = Pipeline.load(path, device, dtype, engine=EngineConfig(max_batch=1))
     sync(device)
-    total = time.perf_counter() - start
-    compile_s = pipe.compile_s
+    load_s = time.perf_counter() - start
+    pipe.close()  # its engine stops at end-of-sentence; the benchmark's runs exactly N tokens
+    engine, compile_s = batch1_engine(pipe.model, compile)
 
     def encode(images: Sequence[Image.Image]) -> EncodedRequest:
         return pipe.encode("<image>\n" * len(images) + PROMPT, images)
 
-    runtime = Runtime(pipe.model, pipe.decode_step, encode, total - (compile_s or 0.0), compile_s)
-    return runtime, pipe.config
+    return Runtime(pipe.model, engine, encode, load_s, compile_s), pipe.config
 
 
 def load_random(
@@ -293,17 +204,8 @@ def load_random(
             images=batch,
         )
 
-    step, compile_s = DecodeStep(model.language, compile), None
-    if compile:  # as Pipeline.warm_up: cache slot 0 only, which every prefill overwrites
-        start = time.perf_counter()
-        with torch.inference_mode():  # inference tensors, as in generate_tokens (no recompile)
-            token = torch.zeros(1, 1, dtype=torch.long, device=device)
-            pos = torch.zeros(1, dtype=torch.long, device=device)
-            for _ in range(3):
-                step(token, pos, 1)
-        sync(device)
-        compile_s = time.perf_counter() - start
-    return Runtime(model, step, encode, load_s, compile_s), config
+    engine, compile_s = batch1_engine(model, compile)
+    return Runtime(model, engine, encode, load_s, compile_s), config
 
 
 def embed(model: DeepseekVL2, request: EncodedRequest) -> torch.Tensor:
@@ -352,13 +254,14 @@ def first_token_stages(
     with torch.inference_mode():
         preprocess_ms, request = timed(lambda: rt.encode([image]), device)
         vision_ms, embeds = timed(lambda: embed(rt.model, request), device)
-        prefill_ms, logits = timed(lambda: lm.prefill(embeds)[0], device)
+        # The engine is idle between runs: its cache slot 0 is free for a direct prefill.
+        prefill_ms, logits = timed(lambda: lm.prefill(embeds), device)  # [1, V]
 
         def first_id() -> int:
-            seen = torch.zeros(lm.config.vocab_size, dtype=torch.bool, device=device)
-            seen[request.input_ids] = True
+            seen = torch.zeros(1, lm.config.vocab_size, dtype=torch.bool, device=device)
+            seen[0, request.input_ids] = True
             generator = torch.Generator(device).manual_seed(seed)
-            return int(sample(logits, seen, params, generator))
+            return int(sample(logits, seen, [params], [generator])[0])
 
         sample_ms, _ = timed(first_id, device)
     stages = {
@@ -373,24 +276,18 @@ def first_token_stages(
 def decode_run(
     rt: Runtime, image: Image.Image, n: int, params: SamplingParams, seed: int
 ) -> tuple[float, list[float]]:
-    """One request through `generate_tokens`, exactly n ids (end-of-sentence ignored).
+    """One request through the engine, exactly n ids (end-of-sentence ignored).
 
     Returns (ms from request start to the first yielded id, the ms intervals between yields).
-    The last interval is dropped: on a synchronous device (CPU) `generate_tokens` runs step i+1
-    before yielding id i, so the final yield follows no decode step."""
-    device = rt.device
-    sync(device)
+    The last interval is dropped (as with the pre-engine token loop, where the final yield
+    followed no decode step), so the count stays n - 2."""
+    sync(rt.device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        request = rt.encode([image])
-        embeds = embed(rt.model, request)
-        generator = torch.Generator(device).manual_seed(seed)
-        stamps = [
-            time.perf_counter()
-            for _ in generate_tokens(rt.step, embeds, request.input_ids, params, -1, n, generator)
-        ]
+    request = rt.encode([image])
+    stream = rt.engine.submit(request, dataclasses.replace(params, max_new_tokens=n, seed=seed))
+    stamps = [time.perf_counter() for _ in stream]
     if len(stamps) != n:
-        raise RuntimeError(f"generate_tokens yielded {len(stamps)} ids, expected {n}")
+        raise RuntimeError(f"the engine yielded {len(stamps)} ids, expected {n}")
     intervals = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)][:-1]
     return (stamps[0] - start) * 1e3, intervals
 
@@ -507,12 +404,11 @@ def measure_long_request(
     out = {"long_request_tokens": request.num_tokens, "peak_memory_mb_long_request": None}
     if room > 1:
         torch.cuda.reset_peak_memory_stats(rt.device)
-        with torch.inference_mode():
-            embeds = embed(rt.model, request)
-            generator = torch.Generator(rt.device).manual_seed(seed)
-            ids = request.input_ids
-            for _ in generate_tokens(rt.step, embeds, ids, params, -1, min(16, room), generator):
-                pass
+        n = min(16, room)
+        for _ in rt.engine.submit(
+            request, dataclasses.replace(params, max_new_tokens=n, seed=seed)
+        ):
+            pass
         sync(rt.device)
         out["peak_memory_mb_long_request"] = round(peak_memory_mb(rt.device), 1)
     return out
@@ -614,6 +510,7 @@ def run(args: argparse.Namespace) -> dict:
         "weights_bytes_per_token": bytes_per_token,
         **measure_bound(device, bytes_per_token, decode["decode_tokens_per_s"]),
     }
+    rt.engine.close()
     tiny_mla = lc.use_mla and all(getattr(lc, k) == v for k, v in TINY_MLA.items())
     if args.weights and tiny_mla and device.type == "cpu" and torch.get_num_threads() == 1:
         result["official_cpu_reference"] = OFFICIAL_CPU_REFERENCE
@@ -640,7 +537,7 @@ def format_table(r: dict) -> str:
     lines += [
         f"decode {r['decode_image']}, {r['new_tokens']} tokens x {r['repeats']} runs: "
         f"{r['decode_ms_per_token']:.3f} ms/token median ({r['decode_ms_per_token_mean']:.3f} mean), "
-        f"{r['decode_tokens_per_s']:.1f} tokens/s; first id via generate_tokens "
+        f"{r['decode_tokens_per_s']:.1f} tokens/s; first id via the engine "
         f"{r['first_token_via_generate_ms']:.2f} ms",
         f"weights read per token {r['weights_bytes_per_token'] / 1e6:.3f} MB; peak memory "
         f"{r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
