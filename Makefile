@@ -5,6 +5,9 @@ PYTHON := .venv/bin/python
 PY_BIN := $(CURDIR)/.venv/bin
 PORT ?= 5000
 HOST ?= 127.0.0.1
+# Requests the local server accepts at once (cog.yaml concurrency.max; coglet reads it from
+# COG_MAX_CONCURRENCY when run without Docker).
+CONCURRENCY ?= 32
 # `make predict`: the weights directory (downloaded into ./weights when absent), the image and
 # the prompt. Try it without the real weights: WEIGHTS=tests/data/golden/cases/mla/model
 WEIGHTS ?= weights
@@ -31,7 +34,8 @@ setup: .venv/.installed
 	scripts/setup_venv.sh
 
 predict: setup
-	@if [ "$(WEIGHTS)" = weights ] && [ ! -f weights/config.json ]; then $(MAKE) --no-print-directory weights; fi
+	@if [ "$(WEIGHTS)" = weights ] && [ ! -f weights/config.json ]; then \
+		$(PYTHON) -m deepseek_vl2_runtime.hub --dest weights || exit 1; fi
 	$(PYTHON) -m deepseek_vl2_runtime generate --weights "$(WEIGHTS)" --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
 
 BENCH_ARGS ?= --weights tests/data/golden/cases/mla/model --device cpu --threads 1
@@ -65,4 +69,5 @@ format:
 # Weights: ./weights, or DEEPSEEK_VL2_WEIGHTS=/path/to/snapshot make serve
 serve: schema-check
 	PATH="$(PY_BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
+		COG_MAX_CONCURRENCY=$(CONCURRENCY) \
 		$(PYTHON) -m cog.server.http --host $(HOST)

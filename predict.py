@@ -1,24 +1,40 @@
 """Cog adapter for DeepSeek-VL2-small: setup() loads the runtime once, predict() streams the answer.
 
-All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. User
-mistakes surface as `InputError` (a failed prediction with that message); cancellation arrives
-as `CancelationException` and stops generation through `stream.close()`. Anything else that
-goes wrong inside a prediction (out of memory, a bug) fails only that prediction, with a
-`PredictionError` saying so; what it held is released first, so the next request is served.
+All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. predict()
+is an async generator and Cog runs up to MAX_CONCURRENCY of them at once: each one decodes its
+images and encodes its prompt in a worker thread, then submits the request to the pipeline's
+engine, which batches every running request into one decode step per token (continuous
+batching; engine.py), and streams its own tokens back. User mistakes surface as an invalid-input
+failure with their message; cancellation (`asyncio.CancelledError`) and vanished clients stop
+that request's generation through `stream.close()`, which frees its cache at the engine's next
+step. Anything else that goes wrong inside a prediction (out of memory, a bug) fails only that
+prediction, with a `PredictionError` saying so; what it held is released first.
+
+Why `BasePredictor.predict` and not cog 0.23's `BaseRunner.run`: the published model and this
+product's interface are `predict()` with `predict:` in cog.yaml, which every Cog CLI builds
+(BaseRunner needs >= 0.20); 0.23.1 serves both and only logs a DeprecationWarning for ours.
 
 Image inputs are read only from files that Cog itself downloaded (http(s) and data URLs land in
 its temp directory). Cog hands any other string over as-is, so without `upload_path` an input
 like "/etc/passwd" or "weights/model.safetensors" would be opened on the server.
 """
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
-from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
+from cog import (
+    AsyncConcatenateIterator,
+    BasePredictor,
+    Input,
+    Path,
+    concurrent,
+    current_scope,
+    streaming,
+)
 
 from deepseek_vl2_runtime.errors import InputError
 from deepseek_vl2_runtime.hub import resolve_verified_weights
@@ -26,13 +42,22 @@ from deepseek_vl2_runtime.image_io import load_image
 from deepseek_vl2_runtime.pipeline import Pipeline, TextStream
 from deepseek_vl2_runtime.sampling import SamplingParams
 from deepseek_vl2_runtime.serving import (
+    install_cog_input_hooks,
     return_freed_memory_to_the_os,
     server_failure,
     upload_path,
+    user_error,
     whole_number,
 )
 
 log = logging.getLogger("deepseek_vl2_runtime.cog")
+
+# Requests in flight at once (cog.yaml `concurrency.max`; on a host without Docker coglet reads
+# COG_MAX_CONCURRENCY, which `make serve` sets). The engine runs as many as its KV cache holds
+# (32 full 4096-token contexts on an L40S) and queues the rest, so this is also its batch size.
+MAX_CONCURRENCY = 32
+# Our names for the runtime's parameters, where the published inputs differ.
+INPUT_NAMES = {"max_new_tokens": "max_length_tokens"}
 
 IMAGES = "image/*"
 EXTRA_IMAGE = (
@@ -50,6 +75,7 @@ class Predictor(BasePredictor):
             runtime_log.addHandler(handler)
             runtime_log.setLevel(logging.INFO)
         return_freed_memory_to_the_os()
+        install_cog_input_hooks()  # bounded URL-parse cache; safe URL downloads; upload registry
         start = time.perf_counter()
         weights = resolve_verified_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
         # Compiled decode (CUDA graphs) on GPU by default; DEEPSEEK_VL2_COMPILE=0/1 overrides.
@@ -65,8 +91,13 @@ class Predictor(BasePredictor):
             time.perf_counter() - start,
         )
 
+    def healthcheck(self) -> bool:
+        """coglet asks this while serving: False (UNHEALTHY) once the engine's loop has died."""
+        return self.pipe.engine.healthy
+
     @streaming
-    def predict(
+    @concurrent(max=MAX_CONCURRENCY)
+    async def predict(
         self,
         image: Path = Input(
             description="Image to ask about (PNG, JPEG, WebP, GIF, BMP or TIFF).", accept=IMAGES
@@ -115,7 +146,7 @@ class Predictor(BasePredictor):
         ),
         image_2: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
         image_3: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         # Everything that can be the user's fault (parameters, images, <image> tags, context) is
         # checked before the first token, so a bad request fails with the InputError message.
         params = SamplingParams(
@@ -128,58 +159,64 @@ class Predictor(BasePredictor):
         )
         try:
             params.validate()
-        except InputError as exc:  # name the input as the user sent it
-            message = str(exc)
-            if message.startswith("max_new_tokens="):
-                message = "max_length_tokens=" + message.removeprefix("max_new_tokens=")
-            raise InputError(message) from None
+        except InputError as exc:  # named as the user's input
+            raise user_error(exc.renamed(INPUT_NAMES)) from None
         uploads = {"image": image, "image_2": image_2, "image_3": image_3}
         paths = [upload_path(p, name) for name, p in uploads.items() if p is not None]
+        loop = asyncio.get_running_loop()
         failure = None
-        try:
-            images = [load_image(p) for p in paths]
+        try:  # decoding and tiling run in a thread: the event loop keeps streaming the others
             start = time.perf_counter()
-            stream = self.pipe.stream(prompt, images, params)
-        except InputError:
-            raise
+            stream = await asyncio.to_thread(self._encode, paths, prompt, params, loop)
+        except InputError as exc:
+            raise user_error(exc) from None
         except Exception as exc:  # out of memory while encoding, or a bug: not the user's fault
             failure = server_failure(exc)
         if failure is not None:
-            images = []  # the raised error's traceback keeps this frame (and its locals) alive
             raise failure
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
-        return self._generate(stream, start)
-
-    def _generate(self, stream: TextStream, start: float) -> Iterator[str]:
         failure = None
         try:
-            yield from stream
-        except InputError:
-            raise
+            async for chunk in stream:
+                yield chunk
         except Exception as exc:  # e.g. CUDA out of memory mid-answer: fail this prediction only
             failure = exc
             stream.finish_reason = "error"  # for the log line below
-        finally:  # also on CancelationException / client disconnect: stop generating now
+        finally:  # also on cancellation / client disconnect: stop generating now
             stream.close()
-            elapsed = time.perf_counter() - start
-            ttft = stream.time_to_first_token_s
-            scope = current_scope()
-            scope.record_metric("output_token_count", stream.output_token_count)
-            if ttft is not None:
-                scope.record_metric("time_to_first_token", ttft)
-            n, decode_s = stream.output_token_count, elapsed - (ttft or 0.0)
-            tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0  # decode speed
-            log.info(
-                "prompt_tokens=%d output_tokens=%d seed=%d finish=%s ttft=%s total=%.2fs "
-                "decode_tokens/s=%.1f",
-                stream.prompt_token_count,
-                n,
-                stream.seed,
-                stream.finish_reason,
-                "-" if ttft is None else f"{ttft:.3f}s",
-                elapsed,
-                tps,
-            )
+            self._report(stream, start)
         if failure is not None:
             error, failure = server_failure(failure), None
             raise error
+
+    def _encode(
+        self,
+        paths: list[str],
+        prompt: str,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+    ) -> TextStream:
+        images = [load_image(p) for p in paths]
+        return self.pipe.stream(prompt, images, params, loop)
+
+    @staticmethod
+    def _report(stream: TextStream, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        ttft = stream.time_to_first_token_s
+        scope = current_scope()
+        scope.record_metric("output_token_count", stream.output_token_count)
+        if ttft is not None:
+            scope.record_metric("time_to_first_token", ttft)
+        n, decode_s = stream.output_token_count, elapsed - (ttft or 0.0)
+        tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0  # this stream's decode speed
+        log.info(
+            "prompt_tokens=%d output_tokens=%d seed=%d finish=%s ttft=%s total=%.2fs "
+            "decode_tokens/s=%.1f",
+            stream.prompt_token_count,
+            n,
+            stream.seed,
+            stream.finish_reason,
+            "-" if ttft is None else f"{ttft:.3f}s",
+            elapsed,
+            tps,
+        )

@@ -2,7 +2,12 @@
 
 Streams the answer to stdout as it is generated; `--json` prints one JSON object on one line
 instead (prompt/output token ids, text, parsed grounding boxes, counts, seed); `--annotate OUT.png`
-draws the grounding boxes on the last image (the one the official demo draws on).
+draws the grounding boxes on the last image (the one the official demo draws on), and says so on
+stderr when the answer has none.
+
+Every argument is checked before the model loads (sampling parameters, --annotate without
+--image, the weights directory, each image file: it must exist and decode); a mistake exits
+with status 2 and one `error: ...` line naming the option or file.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -47,8 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args: argparse.Namespace) -> int:
-    images = [load_image(p) for p in args.image]
+# SamplingParams field -> the option that sets it (its messages name the field).
+OPTIONS = {
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "repetition_penalty": "--repetition-penalty",
+    "max_new_tokens": "--max-new-tokens",
+    "seed": "--seed",
+}
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -57,6 +73,55 @@ def generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
+    try:
+        params.validate()
+    except InputError as exc:
+        field = str(exc).partition("=")[0]
+        raise InputError(f"{OPTIONS.get(field, field)}: {exc}") from None
+    return params
+
+
+def _load_images(paths: list[str]) -> list:
+    """Decode every --image (named in any error), with the limits the server applies."""
+    images = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise InputError(f"--image {path}: the file could not be found")
+        if os.path.isdir(path):
+            raise InputError(f"--image {path}: is a directory, not an image file")
+        try:
+            images.append(load_image(path))
+        except InputError as exc:
+            raise InputError(f"--image {path}: {exc}") from None
+    return images
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[SamplingParams, list]:
+    """Everything that can be wrong with the command line, checked before the model loads."""
+    params = _sampling_params(args)
+    if args.annotate and not args.image:
+        raise InputError("--annotate needs an --image to draw on")
+    if not os.path.isdir(args.weights):
+        raise CheckpointError(
+            f"--weights {args.weights}: not a directory. Point it at a Hugging Face snapshot "
+            "(`make weights` downloads one into ./weights), or try the tiny random test "
+            "checkpoint: --weights tests/data/golden/cases/mla/model"
+        )
+    return params, _load_images(args.image)
+
+
+def _annotate(path: str, image, objects) -> None:
+    draw_grounding(image, objects).save(path)
+    if not any(o.boxes for o in objects):
+        print(
+            f"note: the answer has no grounding boxes, so {path} is the image without any; ask "
+            "with <|grounding|> or <|ref|>an object<|/ref|> to get boxes",
+            file=sys.stderr,
+        )
+
+
+def generate(args: argparse.Namespace) -> int:
+    params, images = _check_arguments(args)
     pipe = Pipeline.load(args.weights, args.device, DTYPES.get(args.dtype))
     start = time.perf_counter()
     stream = pipe.stream(args.prompt, images, params)
@@ -69,10 +134,6 @@ def generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     text = "".join(chunks)
     objects = parse_grounding(text)
-    if args.annotate:
-        if not images:
-            raise InputError("--annotate needs an --image to draw on")
-        draw_grounding(images[-1], objects).save(args.annotate)
     if args.json:
         size = images[-1].size if images else None
         result = {
@@ -97,6 +158,9 @@ def generate(args: argparse.Namespace) -> int:
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.annotate:
+        _annotate(args.annotate, images[-1], objects)
     print(
         f"[{stream.prompt_token_count} prompt tokens, {stream.output_token_count} new tokens, "
         f"finish={stream.finish_reason}, seed={stream.seed}, {elapsed:.2f} s]",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,42 @@ ADVICE = (
 
 class WeightsUnavailableError(CheckpointError):
     """No local snapshot and the download failed. The message says what to do."""
+
+    # coglet shows a failed setup as "Setup failed: setup failed: {__qualname__}: {message}"
+    # in /health-check; a label reads better there than a class name.
+    __qualname__ = "Weights unavailable"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def download_failure_reason(exc: BaseException) -> str:
+    """One line saying why `snapshot_download` failed, without the chained tracebacks."""
+    from huggingface_hub import constants, errors
+
+    chain = _chain(exc)
+    kinds = tuple(type(e) for e in chain)
+
+    def has(*types: type) -> bool:
+        return any(issubclass(k, types) for k in kinds)
+
+    if has(errors.OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE) and there is no local snapshot"
+    if has(errors.GatedRepoError, errors.RepositoryNotFoundError):
+        return "the Hub refused access (a gated or private repository, or a wrong name)"
+    if has(errors.RevisionNotFoundError):
+        return "the Hub has no such revision"
+    root = chain[-1]
+    detail = (str(root).strip().splitlines() or [""])[0][:200]
+    names = " ".join(k.__name__ for k in kinds)
+    if has(ConnectionError, TimeoutError) or "Connect" in names or "Timeout" in names:
+        return f"the Hugging Face Hub at {constants.ENDPOINT} could not be reached ({detail})"
+    return detail or type(root).__name__
 
 
 def resolve_verified_weights(
@@ -110,17 +147,33 @@ def download_weights(
     try:
         snapshot_download(repo, revision=revision, local_dir=local, allow_patterns=ALLOW_PATTERNS)
     except Exception as exc:  # network, auth, offline mode, disk: all end in the same advice
+        log.debug("snapshot_download failed", exc_info=exc)
         raise WeightsUnavailableError(
             f"Could not download the weights {repo}@{revision} into {local.resolve()}: "
-            f"{type(exc).__name__}: {exc}\n{ADVICE}; otherwise check the network, "
+            f"{download_failure_reason(exc)}.\n{ADVICE}; otherwise check the network, "
             "HF_HUB_OFFLINE, and HF_TOKEN (gated or private repos)."
-        ) from exc
+        ) from None
     (local / COMPLETE_MARKER).write_text(f"{repo}@{revision}\n")
     log.info("weights: download finished in %.0f s", time.perf_counter() - start)
     return local
 
 
-def main(argv: list[str] | None = None) -> None:
+TINY_CHECKPOINT = "tests/data/golden/cases/mla/model"
+CLI_WAYS_FORWARD = (
+    "Ways forward:\n"
+    "  - on a machine with network: `make weights` (or `python -m deepseek_vl2_runtime.hub "
+    "--dest weights`), resumable, or copy a snapshot (config.json, tokenizer.json, "
+    "*.safetensors) into ./weights\n"
+    "  - a snapshot elsewhere: `make predict WEIGHTS=/path/to/snapshot` (the server: "
+    "DEEPSEEK_VL2_WEIGHTS=/path/to/snapshot make serve)\n"
+    f"  - try it offline on the tiny random test checkpoint (gibberish answers): "
+    f"`make predict WEIGHTS={TINY_CHECKPOINT}`"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deepseek_vl2_runtime.hub` / `make weights`: download; on failure print one
+    short reason and the ways forward (no traceback) and return 1."""
     parser = argparse.ArgumentParser(description="Download the DeepSeek-VL2 weights for Cog.")
     parser.add_argument("--dest", default=str(DEFAULT_LOCAL_DIR), help="target directory")
     parser.add_argument("--repo", default=os.environ.get("DEEPSEEK_VL2_REPO") or DEFAULT_REPO)
@@ -129,8 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(download_weights(args.dest, repo=args.repo, revision=args.revision))
+    try:
+        path = download_weights(args.dest, repo=args.repo, revision=args.revision)
+    except WeightsUnavailableError as exc:
+        reason = str(exc).split("\n", 1)[0]  # the server's advice line is not the CLI's
+        print(f"error: {reason}\n{CLI_WAYS_FORWARD}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -209,6 +210,8 @@ class Pipeline:
         self.config = model.config
         self.max_context = model.config.language_config.max_position_embeddings
         self.engine = Engine(model, tokenizer.eos_id, engine)
+        # The engine's thread ends when the pipeline is dropped, or at interpreter exit.
+        self.close = weakref.finalize(self, self.engine.close)
         self._forbidden = {
             t: i for t, i in tokenizer.special_ids.items() if t in (PAD, USER, ASSISTANT)
         }
@@ -243,9 +246,6 @@ class Pipeline:
                 "compiled and warmed up the decode step in %.1f s", time.perf_counter() - start
             )
         return pipe
-
-    def close(self) -> None:
-        self.engine.close()
 
     # -- exact official semantics -------------------------------------------------------------
 

@@ -224,13 +224,19 @@ def _shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int)
 
 
 def _draw(
-    key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    scratch: torch.Tensor,
+    gen: torch.Generator,
 ) -> torch.Tensor:
-    """A host tensor with `init_moments` mean/std: uniform in float32 on `device` (two to four
-    times faster than a normal draw on CPU; the moments are what matter), cast, then moved."""
+    """A host tensor with `init_moments` mean/std: drawn uniform in float32 into (the front of)
+    `scratch` on its device, which is reused so that no tensor costs a fresh float32 allocation
+    (page faults dominate on CPU otherwise), then cast and moved. Uniform: two to four times
+    faster than a normal draw on CPU, and the moments are what matter here."""
     mean, std = init_moments(key, shape)
     half_width = std * math.sqrt(3.0)
-    x = torch.empty(shape, dtype=torch.float32, device=device)
+    x = scratch[: math.prod(shape)].view(shape)
     x.uniform_(mean - half_width, mean + half_width, generator=gen)
     return x.to(dtype).cpu()
 
@@ -276,9 +282,10 @@ def write_checkpoint(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     gen = torch.Generator(device).manual_seed(seed)
+    scratch = torch.empty(max(math.prod(s) for s in shapes.values()), device=device)
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
-        tensors = {k: _draw(k, shapes[k], dtype, device, gen) for k in keys}
+        tensors = {k: _draw(k, shapes[k], dtype, scratch, gen) for k in keys}
         save_file(tensors, dst / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
         del tensors

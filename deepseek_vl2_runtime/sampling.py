@@ -30,7 +30,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, rule: str) -> InputError:
-            return InputError(f"{name}={getattr(self, name)!r} is invalid: {rule}")
+            return InputError.invalid(name, getattr(self, name), rule)
 
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "use a value >= 0 (0 means greedy decoding)")

@@ -31,6 +31,14 @@ from paths import REPO_ROOT
 
 PORT_LINE = re.compile(r"Starting coglet server on 127\.0\.0\.1:(\d+)")
 
+# COG_MAX_CONCURRENCY for every test server (None: unset, coglet's default of 1 slot). Keep it
+# equal to what `make serve` sets. coglet frees a slot a moment *after* the HTTP answer leaves
+# (the answer follows the worker's Done message, the slot waits for its Idle message on another
+# channel), so a client that sends its next request at once can find all N slots busy: with a
+# sync predictor (1 slot) a strictly sequential client sometimes gets 409, and with N slots a
+# client keeping N in flight does. N must exceed what a client is promised to keep in flight.
+MAX_CONCURRENCY: int | None = 32
+
 
 class CogServerError(RuntimeError):
     pass
@@ -44,11 +52,13 @@ class CogServer:
         log_path: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike[str] = REPO_ROOT,
+        max_concurrency: int | None = None,
     ) -> None:
         self.weights = weights
         self.cwd = Path(cwd)
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="cog-server-", suffix=".log")[1])
         self.extra_env = env or {}
+        self.max_concurrency = MAX_CONCURRENCY if max_concurrency is None else max_concurrency
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -67,6 +77,9 @@ class CogServer:
             OMP_NUM_THREADS="1",
         )
         env.pop("DEEPSEEK_VL2_WEIGHTS", None)
+        env.pop("COG_MAX_CONCURRENCY", None)
+        if self.max_concurrency is not None:
+            env["COG_MAX_CONCURRENCY"] = str(self.max_concurrency)
         if self.weights is not None:
             env["DEEPSEEK_VL2_WEIGHTS"] = str(self.weights)
         env.update(self.extra_env)
@@ -122,6 +135,20 @@ class CogServer:
     def _log_tail(self, lines: int = 40) -> str:
         tail = "\n".join(self.logs().splitlines()[-lines:])
         return f"\n--- server log ({self.log_path}) ---\n{tail}"
+
+    def worker_pid(self) -> int:
+        """The server's Python worker: its child process (`python -c "import coglet; ..."`)."""
+        assert self.proc is not None
+        children = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            children += (task / "children").read_text().split()
+        cmdlines = {int(c): Path(f"/proc/{c}/cmdline").read_bytes() for c in children}
+        (pid,) = [pid for pid, cmd in cmdlines.items() if b"coglet" in cmd]
+        return pid
+
+    def worker_rss_kib(self) -> int:
+        """Resident memory of the worker (VmRSS, KiB)."""
+        return rss_kib(self.worker_pid())
 
     def health(self) -> dict:
         return requests.get(self.url + "/health-check", timeout=5).json()
@@ -184,9 +211,19 @@ class CogServer:
                     event, data = None, []
 
 
+def rss_kib(pid: int) -> int:
+    """VmRSS of process `pid` in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise CogServerError(f"no VmRSS for process {pid}")
+
+
 def call_predict(predictor, **inputs):
     """predict() called in-process the way the server calls it: every input given, defaults
-    resolved from the Input(...) declarations."""
+    resolved from the Input(...) declarations. The async generator is driven on an event loop
+    of its own up to its first chunk (so an invalid request raises here, before any output, as
+    the server reports it) and is then iterated like a plain iterator; close() cancels it."""
     import inspect
 
     from cog import FieldInfo
@@ -195,16 +232,56 @@ def call_predict(predictor, **inputs):
         name: p.default.default if isinstance(p.default, FieldInfo) else p.default
         for name, p in inspect.signature(predictor.predict).parameters.items()
     }
-    return predictor.predict(**(args | inputs))
+    return _Driven(predictor.predict(**(args | inputs)))
+
+
+class _Driven:
+    _END = object()
+
+    def __init__(self, agen) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._agen = agen
+        self._next = self._step()
+
+    def _step(self):
+        try:
+            return self._loop.run_until_complete(self._agen.__anext__())
+        except StopAsyncIteration:
+            self.close()
+            return self._END
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self._next is self._END:
+            raise StopIteration
+        chunk, self._next = self._next, None
+        self._next = self._step()
+        return chunk
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._agen.aclose())
+            self._loop.close()
 
 
 def write_upload(image) -> Path:
-    """Save `image` as a PNG where Cog puts downloaded inputs: directly in the temp directory
-    (the only place predict() reads image files from). The caller deletes it."""
+    """Save `image` as a PNG the way the server stores a downloaded input (directly in the temp
+    directory, registered by `serving.register_upload`): the only files predict() reads. The
+    returned object is what predict() accepts (a plain path string to the same file is
+    refused, as it would be from a request). The caller deletes the file."""
+    from deepseek_vl2_runtime.serving import register_upload
+
     fd, name = tempfile.mkstemp(suffix="file.png")
     os.close(fd)
-    image.save(name)
-    return Path(name)
+    image.save(name, "PNG")
+    return register_upload(name)
 
 
 # The predictor's inputs in schema order: the published model's six first, then ours.

@@ -1,15 +1,20 @@
 """CUDA-only checks (skipped without a GPU): the GPU dtype and the GPU decode machinery.
 
-Run on a GPU host with `make test` (or `pytest tests/test_gpu.py`).
+Run on a GPU host with `make test` (or `pytest tests/test_gpu.py`); `scripts/gpu_check.sh` runs
+them on a bare device machine, with tests/test_real_width.py (vl2-small's widths on CUDA).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import pytest
 import torch
 from PIL import Image
 
 from deepseek_vl2_runtime import Pipeline, SamplingParams
+from deepseek_vl2_runtime.engine import EngineConfig
 from deepseek_vl2_runtime.sampling import sample
 
 from checkpoints import MLA_MODEL
@@ -20,6 +25,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 PROMPT = "<image>\nWhat is in this picture?"
+SMALL_ENGINE = EngineConfig(max_batch=2)  # compiled: batch buckets 1 and 2 only
 
 
 @pytest.fixture(scope="module")
@@ -36,36 +42,48 @@ def test_bf16_on_cuda_stays_close_to_float32(mla_pipeline, image) -> None:
     assert "".join(gpu.stream(PROMPT, [image], SamplingParams(temperature=0, max_new_tokens=16)))
 
 
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Raise on any CUDA call inside that would make the host wait for the device."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @torch.inference_mode()
 def test_decode_steps_do_not_synchronise(image) -> None:
-    """Between sampled tokens the host never waits for the device (eager and compiled)."""
+    """A decode step and the sampling after it never make the host wait for the device (eager
+    and compiled): the engine's one read per step is the sampled ids, after both."""
     for compile in (False, True):
-        gpu = Pipeline.load(MLA_MODEL, compile=compile)
-        req = gpu.encode(PROMPT, [image])
-        embeds = gpu.embed(req)
-        logits = gpu.model.language.prefill(embeds)[0]
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        params = SamplingParams(temperature=1.0, seed=0)
-        generator = torch.Generator("cuda").manual_seed(0)
-        length = embeds.shape[1]
-        pos = torch.tensor([length], device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        gpu = Pipeline.load(MLA_MODEL, compile=compile, engine=SMALL_ENGINE)
         try:
+            embeds = gpu.embed(gpu.encode(PROMPT, [image]))
+            logits = gpu.model.language.prefill(embeds)  # [1, V]; the engine is idle
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            params = [SamplingParams(temperature=1.0, seed=0)]
+            generators = [torch.Generator("cuda").manual_seed(0)]
+            pos = embeds.shape[1]
             for _ in range(8):
-                token = sample(logits, seen, params, generator)
-                seen[token] = True
-                length += 1
-                logits = gpu.decode_step(token.view(1, 1), pos, length)[0]
+                with no_host_sync():
+                    ids = sample(logits, seen, params, generators)
+                    seen[0, ids] = True
+                token = int(ids[0])  # the engine's one read per step
+                with no_host_sync():
+                    logits = gpu.engine.step([token], [pos])
                 pos += 1
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            gpu.close()
 
 
 def test_cuda_graph_decode_equals_eager(image) -> None:
     """float32 on CUDA so that greedy ids must agree exactly."""
-    eager = Pipeline.load(MLA_MODEL, device="cuda", dtype=torch.float32)
-    graphed = Pipeline.load(MLA_MODEL, device="cuda", dtype=torch.float32, compile=True)
+    eager = Pipeline.load(MLA_MODEL, device="cuda", dtype=torch.float32, engine=SMALL_ENGINE)
+    graphed = Pipeline.load(
+        MLA_MODEL, device="cuda", dtype=torch.float32, compile=True, engine=SMALL_ENGINE
+    )
     params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=32, seed=0)
     runs = [list(p.generate_ids(p.encode(PROMPT, [image]), params)) for p in (eager, graphed)]
     assert runs[0] == runs[1]
