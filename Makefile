@@ -42,6 +42,13 @@ BENCH_ARGS ?= --weights tests/data/golden/cases/mla/model --device cpu --threads
 bench: setup
 	$(PYTHON) -m deepseek_vl2_runtime.bench $(BENCH_ARGS)
 
+# The GPU check of issue 11 on a bare device machine (system python3, no .venv: no `setup`);
+# writes $$OUT/gpu_check.json + .log. CPU dry run: make gpu-check GPU_CHECK_ARGS=--dry-run
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
 weights: setup
 	$(PYTHON) -m deepseek_vl2_runtime.hub --dest weights
 

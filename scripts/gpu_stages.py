@@ -271,6 +271,7 @@ def stage_setup(args: argparse.Namespace) -> dict:
         out |= decode_checks(pipe, device, args.dry_run)
     finally:
         pipe.close()
+    out["ok"] = out["compiled_vs_eager"]["ok"]
     return out
 
 
