@@ -186,3 +186,17 @@ def test_installed_cog_matches_the_pins():
     from importlib.metadata import version
 
     assert version("cog") == version("coglet") == _requirements("requirements.txt")["cog"]
+
+
+def test_installed_torch_is_the_pinned_version():
+    """The tests run on the torch version the Cog image installs (a +cpu build counts)."""
+    import torch
+
+    assert torch.__version__.split("+")[0] == _requirements("requirements.txt")["torch"]
+
+
+def test_setup_script_installs_torch_from_requirements():
+    """One pin: scripts/setup_venv.sh has no torch version of its own."""
+    script = (REPO_ROOT / "scripts" / "setup_venv.sh").read_text()
+    assert "-r requirements.txt" in script
+    assert not re.search(r"torch\s*==", script)
