@@ -202,3 +202,84 @@ def test_loader_builds_on_meta_and_leaves_nothing_there(mla_pipeline) -> None:
     assert (
         moe.experts[2].up_proj.weight.data_ptr() == moe.w13[2, moe.w13.shape[1] // 2 :].data_ptr()
     )
+
+
+# -- the Cog predictor's setup() on a missing or broken checkpoint --------------------------
+# In-process: the message setup() fails with is what the server's health check shows (setup
+# logs). tests/test_cog_server.py proves that end to end once, with a real server.
+
+
+def _setup_fails(monkeypatch, weights) -> str:
+    """Predictor().setup() with DEEPSEEK_VL2_WEIGHTS=weights (unset if None); its message."""
+    from predict import Predictor
+
+    if weights is None:
+        monkeypatch.delenv("DEEPSEEK_VL2_WEIGHTS", raising=False)
+    else:
+        monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(weights))
+    with pytest.raises(CheckpointError) as info:
+        Predictor().setup()
+    return str(info.value)
+
+
+ADVICE = ["DEEPSEEK_VL2_WEIGHTS", "./weights"]
+
+
+def test_setup_with_an_empty_weights_dir_names_the_files_and_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    message = _setup_fails(monkeypatch, tmp_path / "empty")
+    for text in ["missing checkpoint file(s): config.json", *ADVICE]:
+        assert text in message, message
+
+
+def test_setup_offline_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    """No $DEEPSEEK_VL2_WEIGHTS, no ./weights (the working directory is empty), no network."""
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = _setup_fails(monkeypatch, None)
+    for text in ["Could not download the weights", "HF_TOKEN", *ADVICE]:
+        assert text in message, message
+
+
+def _broken(root, kind: str):
+    """A copy of the tiny checkpoint broken one way, and what setup()'s message must say."""
+    dst = write_checkpoint(root / "broken")
+    weights, config = dst / "model.safetensors", dst / "config.json"
+    if kind == "unsupported topk_method":
+        cfg = json.loads(config.read_text())
+        cfg["language_config"]["topk_method"] = "sinkhorn"
+        config.write_text(json.dumps(cfg))
+        return dst, [
+            "config.json language_config: unsupported value topk_method='sinkhorn'",
+            "supported: ['greedy', 'group_limited_greedy', 'noaux_tc']",
+        ]
+    if kind == "truncated safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return dst, [f"{weights}: cannot read safetensors file"]
+    if kind == "pickle weights only":
+        weights.rename(dst / "pytorch_model.bin")
+        return dst, [f"{dst}: no model.safetensors or model.safetensors.index.json"]
+    if kind == "config.json not JSON":
+        config.write_text('{"language_config": ')
+        return dst, [f"{config}: not valid JSON"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "unsupported topk_method",
+        "truncated safetensors",
+        "pickle weights only",
+        "config.json not JSON",
+    ],
+)
+def test_setup_with_broken_weights_names_the_reason(tmp_path, monkeypatch, kind):
+    weights, expected = _broken(tmp_path, kind)
+    message = _setup_fails(monkeypatch, weights)
+    for text in expected:
+        assert text in message, message
