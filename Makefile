@@ -15,16 +15,17 @@ IMAGE ?= tests/data/golden/inputs/img_640x480.png
 PROMPT ?= Find all the <|ref|>red rectangle<|/ref|>
 ARGS ?=
 
-.PHONY: help setup predict weights schema schema-check test test-cog lint format serve bench
+.PHONY: help setup predict weights schema schema-check test test-fast test-cog lint format serve bench
 
 help:
-	@echo "make setup         create ./.venv with every dependency (CPU torch on CPU hosts)"
+	@echo "make setup         create ./.venv with every dependency (torch as requirements.txt pins it)"
 	@echo "make predict       answer PROMPT about IMAGE with WEIGHTS (streams the text)"
 	@echo "make bench         benchmark (tiny checkpoint on CPU unless BENCH_ARGS says otherwise)"
 	@echo "make weights       download deepseek-ai/deepseek-vl2-small into ./weights (resumable)"
 	@echo "make schema        regenerate .cog/openapi_schema.json from predict.py"
 	@echo "make schema-check  fail if the committed schema is stale"
 	@echo "make test          run the test suite (CPU)"
+	@echo "make test-fast     the inner loop (<= 60 s): no Cog server, subprocess, fuzz or slow tests"
 	@echo "make lint          ruff check + format check"
 	@echo "make serve         run the Cog HTTP server (coglet) on \$$HOST:\$$PORT without Docker"
 
@@ -60,6 +61,11 @@ schema-check: setup
 
 test: setup
 	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q
+
+# Markers: pyproject.toml [tool.pytest.ini_options]; tests/conftest.py marks server and soak tests.
+FAST := not server and not subprocess and not fuzz and not slow
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "$(FAST)"
 
 test-cog: setup
 	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q tests/test_cog_schema.py tests/test_cog_server.py \

@@ -27,7 +27,10 @@ def inputs(schema) -> dict:
     return schema["components"]["schemas"]["Input"]
 
 
+@pytest.mark.subprocess
 def test_committed_schema_is_up_to_date():
+    """`python scripts/cog_schema.py --check` as `make schema-check` runs it (a fresh process;
+    the in-process test below also compares the generated schema with the committed one)."""
     result = subprocess.run(
         [sys.executable, "scripts/cog_schema.py", "--check"],
         cwd=REPO_ROOT,

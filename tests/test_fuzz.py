@@ -27,7 +27,10 @@ from deepseek_vl2_runtime.sampling import MAX_SEED, SamplingParams
 
 from paths import tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(tiny_checkpoint() is None, reason="tiny checkpoint not found")
+pytestmark = [
+    pytest.mark.fuzz,
+    pytest.mark.skipif(tiny_checkpoint() is None, reason="tiny checkpoint not found"),
+]
 
 SETTINGS = settings(
     max_examples=100,

@@ -729,6 +729,7 @@ FUZZ_INPUTS = st.one_of(
 )
 
 
+@pytest.mark.fuzz
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=FUZZ_INPUTS)
 def test_fuzz_only_rgb_or_input_error(data: bytes) -> None:
