@@ -24,7 +24,6 @@ from deepseek_vl2_runtime.image_io import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_SIDE_AFTER_LOAD,
-    SUPPORTED_FORMATS,
     load_image,
 )
 
@@ -97,17 +96,32 @@ def record_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return calls
 
 
-# --- constants --------------------------------------------------------------------------------
+# --- the default limits, at their edges ------------------------------------------------------
+# Written out here (not read from image_io's constants), so changing a limit fails a test.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
-def test_public_constants() -> None:
-    assert SUPPORTED_FORMATS == ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-    assert MAX_IMAGE_PIXELS == 8192 * 8192
-    assert MAX_IMAGE_BYTES == 50 * 1024 * 1024
-    assert MAX_SIDE_AFTER_LOAD == 4096
-    # 4096 must stay >= the model's largest tiling canvas side (9 x 384) for the
-    # "downscaling does not change the chosen tiling" argument to hold.
-    assert MAX_SIDE_AFTER_LOAD >= 9 * 384
+def test_default_pixel_limit_is_8192_squared() -> None:
+    """8192 x 8192 is decoded (and downscaled); one row more is refused from the header."""
+    assert load_image(constant_grey_png(8192, 8192)).size == (4096, 4096)
+    over = png_header(8192, 8193) + png_chunk(b"IDAT", zlib.compress(bytes(100)))
+    assert_refused(over + png_chunk(b"IEND", b""), "67,117,056 pixels", "limit of 67,108,864")
+
+
+def test_default_file_size_limit_is_50_mib(tmp_path: Path) -> None:
+    path = tmp_path / "padded.png"
+    with path.open("wb") as f:  # a valid PNG, zero-padded (sparse) to exactly 50 MiB
+        f.write(encode(Image.new("RGB", (8, 8), RED), "PNG"))
+        f.truncate(50 * 1024 * 1024)
+    assert load_image(path).size == (8, 8)
+    with path.open("r+b") as f:
+        f.truncate(50 * 1024 * 1024 + 1)
+    assert_refused(path, "52,428,801 bytes", "limit of 52,428,800 bytes")
+
+
+def test_longer_side_is_at_most_4096() -> None:
+    assert load_image(encode(Image.new("RGB", (4096, 16), RED), "PNG")).size == (4096, 16)
+    assert load_image(encode(Image.new("RGB", (16, 4097), RED), "PNG")).size == (16, 4096)
 
 
 # --- not an image / damaged -----------------------------------------------------------------
@@ -378,11 +392,6 @@ def test_extreme_aspect_keeps_one_pixel() -> None:
     assert out.getpixel((10, 0)) == (200, 200, 200)
 
 
-def test_at_limit_not_resized() -> None:
-    out = load_image(encode(Image.new("RGB", (MAX_SIDE_AFTER_LOAD, 16), RED), "PNG"))
-    assert out.size == (MAX_SIDE_AFTER_LOAD, 16)
-
-
 # --- orientation ------------------------------------------------------------------------------
 
 
@@ -577,7 +586,7 @@ def test_ycbcr_tiff() -> None:
     ("fmt", "mode"),
     [
         (fmt, mode)
-        for fmt in SUPPORTED_FORMATS
+        for fmt in FORMATS
         for mode in ("RGB", "L", "RGBA")
         if not (mode == "RGBA" and fmt in ("JPEG", "BMP"))  # no alpha in those formats
     ],
@@ -642,7 +651,7 @@ def test_never_spawns_or_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     files = {
         fmt: write(tmp_path, f"x.{fmt.lower()}", encode(_photo(40, 30), fmt))
-        for fmt in SUPPORTED_FORMATS
+        for fmt in FORMATS
     }
     listing = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(builtins, "open", read_only_open)
