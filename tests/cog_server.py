@@ -181,9 +181,11 @@ class CogServer:
         """POST, retrying briefly on 409: coglet answers a sync prediction a moment before it
         frees the slot, so a request sent right after one may get "At capacity"."""
         deadline = time.monotonic() + 10
-        kwargs.setdefault("timeout", 120)
+        timeout = kwargs.pop("timeout", 120)
         while True:
-            response = requests.post(self.url + path, json=body, headers=headers, **kwargs)
+            response = requests.post(
+                self.url + path, json=body, headers=headers, timeout=timeout, **kwargs
+            )
             if response.status_code != 409 or time.monotonic() > deadline:
                 return response
             response.close()

@@ -44,7 +44,8 @@ def test_variants_load_and_generate(tmp_path, variant) -> None:
     assert cfg.use_mla == variant.get("use_mla", True)
     assert cfg.topk_method == variant.get("topk_method", "greedy")
     ids = _greedy(pipe)
-    assert len(ids) == 12 and all(0 <= i < cfg.vocab_size for i in ids)
+    assert len(ids) == 12
+    assert all(0 <= i < cfg.vocab_size for i in ids)
 
 
 def _noaux_reference(logits, bias, n_group, topk_group, top_k, scale):
@@ -144,7 +145,7 @@ def test_attn_pool_head_is_the_only_ignored_key(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "section,key,value",
+    ("section", "key", "value"),
     [
         ("language_config", "topk_method", "magic"),
         ("language_config", "scoring_func", "tanh"),

@@ -112,7 +112,14 @@ def test_annotate_writes_the_image(tmp_path, capsys) -> None:
 def test_the_entry_point_streams_and_exits_cleanly() -> None:
     """`python -m deepseek_vl2_runtime` as a user runs it: the answer on stdout, the summary on
     stderr, exit status 0 (the process also shuts down cleanly after generating)."""
-    command = [sys.executable, "-m", "deepseek_vl2_runtime", "generate", "--weights", str(MLA_MODEL)]
+    command = [
+        sys.executable,
+        "-m",
+        "deepseek_vl2_runtime",
+        "generate",
+        "--weights",
+        str(MLA_MODEL),
+    ]
     command += ["--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "8"]
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

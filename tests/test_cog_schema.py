@@ -82,13 +82,17 @@ def test_numeric_inputs(inputs, name, type_, default, minimum, maximum):
 def test_optional_inputs_are_nullable_and_not_required(inputs):
     props = inputs["properties"]
     assert props["seed"] == props["seed"] | {"type": "integer", "nullable": True, "minimum": 0}
-    assert props["seed"]["default"] is None and "maximum" not in props["seed"]
+    assert props["seed"]["default"] is None
+    assert "maximum" not in props["seed"]
     for name in ("image", "image_2", "image_3"):
-        assert props[name]["type"] == "string" and props[name]["format"] == "uri"
+        assert props[name]["type"] == "string"
+        assert props[name]["format"] == "uri"
         assert props[name]["x-cog-accept"] == "image/*"
     for name in ("image_2", "image_3"):
-        assert props[name]["nullable"] is True and props[name]["default"] is None
-    assert props["prompt"]["type"] == "string" and "default" not in props["prompt"]
+        assert props[name]["nullable"] is True
+        assert props[name]["default"] is None
+    assert props["prompt"]["type"] == "string"
+    assert "default" not in props["prompt"]
 
 
 # The published model's inputs (lucataco/cog-deepseek-vl2 predict.py), which clients rely on.
@@ -154,7 +158,8 @@ def test_cog_yaml_is_valid_and_pinned():
     assert build["python_version"] == "3.11"
     assert re.fullmatch(r"1[2-9]\.\d+", build["cuda"])
     assert build["python_requirements"] == "requirements.txt"
-    assert "run" not in build and "python_packages" not in build  # no downloads at build time
+    assert "run" not in build  # no downloads at build time
+    assert "python_packages" not in build
     assert config["predict"] == "predict.py:Predictor"
 
 

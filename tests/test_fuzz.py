@@ -218,12 +218,21 @@ def test_upload_guard_never_lets_a_path_out_of_the_temp_dir(value):
         assert "is not an uploaded file" in str(exc)
         return
     temp_dir = os.path.realpath(tempfile.gettempdir())
-    assert os.path.commonpath([path, temp_dir]) == temp_dir and os.path.isfile(path)
+    assert os.path.commonpath([path, temp_dir]) == temp_dir
+    assert os.path.isfile(path)
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(4096.0, 4096), (1.0, 1), (0.0, 0), (-0.0, 0), (-3.0, -3), (2.0**53, 2**53), (-(2.0**53), -(2**53))],
+    [
+        (4096.0, 4096),
+        (1.0, 1),
+        (0.0, 0),
+        (-0.0, 0),
+        (-3.0, -3),
+        (2.0**53, 2**53),
+        (-(2.0**53), -(2**53)),
+    ],
 )
 def test_integral_floats_become_ints(value, expected):
     """What Cog hands over for a JSON integer written as 4096.0 (or -0)."""
@@ -236,8 +245,23 @@ def test_integral_floats_become_ints(value, expected):
 
 @pytest.mark.parametrize(
     "value",
-    [0.5, -1.5, 4096.000001, 1e-300, 2.0**53 + 2, 1e300, float("inf"), -float("inf"), float("nan")]
-    + [None, 0, 7, -(2**70), True, "3"],
+    [
+        0.5,
+        -1.5,
+        4096.000001,
+        1e-300,
+        2.0**53 + 2,
+        1e300,
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+        None,
+        0,
+        7,
+        -(2**70),
+        True,
+        "3",
+    ],
 )
 def test_anything_else_is_returned_unchanged(value):
     """Fractions, floats past 2**53, non-finite values and non-floats are left for

@@ -1,6 +1,8 @@
 """Tests for deepseek_vl2_runtime.grounding: tolerant parsing of model output, and drawing."""
 
 import builtins
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -204,7 +206,7 @@ def test_non_str_input_gives_empty():
     [(-1, 0, 1, 1), (0, 0, 1000, 1), (5, 0, 4, 1), (0, 5, 1, 4), (0.5, 0, 1, 1), (True, 0, 1, 1)],
 )
 def test_box_rejects_invalid(values):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^box (coordinates must be ints|corners out of order)"):
         Box(*values)
 
 
@@ -217,7 +219,7 @@ def test_to_pixels():
         615 * 480 // 999,
     )
     assert to_pixels(Box(500, 500, 500, 500), 1, 1) == (0, 0, 0, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image size must be positive"):
         to_pixels(Box(0, 0, 1, 1), 0, 10)
 
 
@@ -230,7 +232,8 @@ def test_to_pixels():
 def test_to_pixels_matches_upstream_and_stays_on_image(v1, v2, w, h):
     lo, hi = sorted((v1, v2))
     x1, y1, x2, y2 = to_pixels(Box(lo, lo, hi, hi), w, h)
-    assert 0 <= x1 <= x2 <= w - 1 and 0 <= y1 <= y2 <= h - 1
+    assert 0 <= x1 <= x2 <= w - 1
+    assert 0 <= y1 <= y2 <= h - 1
     # Upstream is int(v / 999 * W); ours is the exact floor, at most one pixel away (float error).
     assert 0 <= x1 - min(int(lo / 999 * w), w - 1) <= 1
 
@@ -240,7 +243,7 @@ def test_to_pixels_matches_upstream_and_stays_on_image(v1, v2, w, h):
 _TOKENS = st.sampled_from(
     ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "[", "]", "[[", "]]", ",",
      ", ", " ", "\n", "-", "+", ".", "x", "<|", "|>", "cat", "0", "7", "999", "1000",
-     "99999999999999999999", "١"]
+     "99999999999999999999", "\u0661"]  # ARABIC-INDIC DIGIT ONE, a Unicode digit
 )  # fmt: skip
 _GRAMMAR_TEXT = st.lists(
     st.one_of(_TOKENS, st.integers(-(10**25), 10**25).map(str), st.text(max_size=3)), max_size=60
@@ -250,11 +253,13 @@ _GRAMMAR_TEXT = st.lists(
 def _check_invariants(objects):
     assert isinstance(objects, list)
     for obj in objects:
-        assert isinstance(obj, GroundedObject) and isinstance(obj.label, str)
+        assert isinstance(obj, GroundedObject)
+        assert isinstance(obj.label, str)
         assert obj.boxes
         for b in obj.boxes:
             assert all(0 <= v <= COORD_MAX for v in (b.x1, b.y1, b.x2, b.y2))
-            assert b.x1 <= b.x2 and b.y1 <= b.y2
+            assert b.x1 <= b.x2
+            assert b.y1 <= b.y2
 
 
 @given(st.text())
@@ -307,7 +312,9 @@ def test_draw_outline_on_known_pixels(tmp_path):
     assert (x1, y1, x2, y2) == (64, 96, 384, 384)
     out = draw_grounding(image, [GroundedObject("thing", (box,))])
 
-    assert out is not image and out.mode == "RGB" and out.size == image.size
+    assert out is not image
+    assert out.mode == "RGB"
+    assert out.size == image.size
     assert image.getpixel((x1, y2)) == GREY  # the input is untouched
     red = PALETTE[0]
     # Outline: corners and the middle of every edge (the label only covers the area above y1).
@@ -362,11 +369,13 @@ def test_draw_palette_cycles_and_odd_labels_do_not_crash():
 def test_draw_nothing_is_a_plain_copy():
     image = Image.new("RGB", (50, 40), GREY)
     out = draw_grounding(image, [])
-    assert out is not image and out.tobytes() == image.tobytes()
+    assert out is not image
+    assert out.tobytes() == image.tobytes()
 
 
 def test_write_example_for_humans():
-    """Writes /tmp/grounding_example.png: a 640x480 grid with two labelled objects."""
+    """Writes grounding_example.png into the temp directory (/tmp): a 640x480 grid with two
+    labelled objects."""
     from PIL import ImageDraw
 
     image = Image.new("RGB", (640, 480), (200, 200, 200))
@@ -380,5 +389,5 @@ def test_write_example_for_humans():
         " and <|ref|>garbage<|/ref|><|det|>[[600, 700, 999, 999]]<|/det|>"
     )
     out = draw_grounding(image, parse_grounding(text))
-    out.save("/tmp/grounding_example.png")
+    out.save(Path(tempfile.gettempdir()) / "grounding_example.png")
     assert out.getpixel(to_pixels(Box(100, 200, 400, 600), 640, 480)[2:]) == PALETTE[0]
