@@ -59,9 +59,10 @@ log = logging.getLogger("deepseek_vl2_runtime.cog")
 # -- what the user reads ----------------------------------------------------------------------
 #
 # coglet reports a failed prediction as "Prediction failed: Prediction failed: {type}: {message}"
-# (both prefixes are coglet's; {type}: {message} is pyo3's rendering of the exception: the type's
-# __qualname__, then str(exc)). The type is ours to name, so the two user-facing exceptions
-# carry a label instead of a Python class name.
+# ("Prediction failed: Async prediction failed: ..." for an async predict()). Both prefixes are
+# coglet's (strings in coglet/_impl.abi3.so); "{type}: {message}" is pyo3's rendering of the
+# exception (PyErr's Display: the type's __qualname__, then str(exc)). The type is ours to
+# name, so the two user-facing exceptions carry a label instead of a Python class name.
 
 
 class InvalidInput(InputError):

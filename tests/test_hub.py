@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
@@ -128,3 +130,66 @@ def test_verified_weights_accepts_the_tiny_checkpoint():
     if checkpoint is None:
         pytest.skip("tiny checkpoint not found")
     assert hub.resolve_verified_weights(env={"DEEPSEEK_VL2_WEIGHTS": str(checkpoint)}) == checkpoint
+
+
+@pytest.fixture
+def unreachable(monkeypatch):
+    """No network: an endpoint nobody listens on, offline mode off (as on a machine without
+    network that was not told so)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_failed_download_reads_as_one_reason_without_machinery(tmp_path, monkeypatch, unreachable):
+    """What coglet's health check shows for a failed setup is "{type's __qualname__}: {message}":
+    a label, one line saying why (no chained library errors or class names), one of advice."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.resolve_weights(env={})
+    shown = f"{type(info.value).__qualname__}: {info.value}"
+    reason, advice = shown.splitlines()
+    assert reason == (
+        "Weights unavailable: Could not download the weights deepseek-ai/deepseek-vl2-small@main"
+        f" into {tmp_path / 'weights'}: the Hugging Face Hub at http://127.0.0.1:9 could not be "
+        "reached ([Errno 111] Connection refused)."
+    )
+    assert "DEEPSEEK_VL2_WEIGHTS" in advice and "./weights" in advice
+    assert not re.search(r"[A-Za-z]+(Error|Exception)\b", shown), shown
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_offline_mode_is_named_as_the_reason(tmp_path, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        hub.WeightsUnavailableError, match="offline mode is on \\(HF_HUB_OFFLINE\\)"
+    ):
+        hub.resolve_weights(env={})
+
+
+def test_cli_prints_a_short_message_with_every_way_forward(
+    tmp_path, monkeypatch, unreachable, capsys
+):
+    """`make weights` / `make predict` without network: no traceback, the reason, and how to go
+    on: `make weights` elsewhere, WEIGHTS=... for `make predict`, the tiny checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    assert hub.main(["--dest", "weights"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) <= 6, err
+    assert err.startswith("error: Could not download the weights")
+    assert "could not be reached" in err
+    for way in (
+        "make weights",
+        "make predict WEIGHTS=/path/to/snapshot",
+        "make predict WEIGHTS=tests/data/golden/cases/mla/model",
+        "DEEPSEEK_VL2_WEIGHTS=/path/to/snapshot make serve",
+    ):
+        assert way in err, err
+    assert not (tmp_path / "weights" / hub.COMPLETE_MARKER).exists()
+
+
+def test_tiny_checkpoint_named_in_the_advice_exists():
+    from paths import REPO_ROOT
+
+    assert (REPO_ROOT / hub.TINY_CHECKPOINT / "config.json").is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import http.server
 import io
 import json
@@ -67,9 +68,13 @@ GUARD = "is not an uploaded file. Send the image as an http(s):// URL or a data:
 
 # coglet's own wording around what predict() raises (see deepseek_vl2_runtime/serving.py): a
 # failed prediction reads "Prediction failed: Prediction failed: {exception type's
-# __qualname__}: {message}" (both prefixes are coglet's), an input Cog could not turn into a
-# file reads "Input validation error: {message}". What follows them is ours.
-PREDICTION_FAILED = "Prediction failed: Prediction failed: "
+# __qualname__}: {message}" ("Prediction failed: Async prediction failed: ..." for an async
+# predict(); both prefixes are coglet's), an input Cog could not turn into a file reads
+# "Input validation error: {message}". What follows them is ours.
+PREDICTION_FAILED = (  # sync predict(), async predict()
+    "Prediction failed: Prediction failed: ",
+    "Prediction failed: Async prediction failed: ",
+)
 INPUT_NOT_CONVERTED = "Input validation error: "
 OUR_LABELS = ("Invalid input: ", "Server error: ")
 CLASS_NAME = re.compile(r"[A-Za-z]+(Error|Exception)\b")
@@ -194,7 +199,7 @@ def answer(server: CogServer, **inputs) -> str:
 
 def our_part(error: str) -> str:
     """The message after coglet's prefix; fails if coglet's wording is not there."""
-    for prefix in (PREDICTION_FAILED, INPUT_NOT_CONVERTED):
+    for prefix in (*PREDICTION_FAILED, INPUT_NOT_CONVERTED):
         if error.startswith(prefix):
             return error.removeprefix(prefix)
     raise AssertionError(f"not coglet's failure wording: {error!r}")
@@ -527,21 +532,49 @@ def test_json_numbers_cog_cannot_represent_get_400(server, image_url):
 # -- faults over HTTP: capacity, cancel, disconnect -------------------------------------------
 
 
+# Greedy without a repetition penalty: the tiny random model loops without ever producing
+# end-of-sentence, so the answer runs to the end of the context (3,655 tokens here).
+RUNS_TO_THE_CONTEXT_END = {"temperature": 0, "repetition_penalty": 1, "seed": 3}
+
+
 def uploads_in(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir() if p.is_file()}
 
 
-def test_busy_server_answers_409_and_a_cancel_frees_the_slot(server, server_tmp, image_url):
-    """While a prediction streams, a second one gets Cog's documented 409; cancelling stops
+@pytest.fixture(scope="module")
+def one_slot_server(tmp_path_factory):
+    """A server with a single slot (COG_MAX_CONCURRENCY=1), so that "all slots busy" does not
+    depend on how long 32 random-weight answers run before an end-of-sentence."""
+    root = tmp_path_factory.mktemp("cog-one-slot")
+    (root / "tmp").mkdir()
+    env = {"TMPDIR": str(root / "tmp")}
+    with CogServer(CHECKPOINT, log_path=root / "server.log", env=env, max_concurrency=1) as server:
+        health = server.wait_until("READY", "SETUP_FAILED")
+        assert health["status"] == "READY", health
+        server.temp_dir = root / "tmp"
+        yield server
+
+
+def test_busy_server_answers_409_and_a_cancel_frees_the_slot(one_slot_server, image_url):
+    """With every slot streaming, one more request gets Cog's documented 409; cancelling stops
     the generation at once, deletes the upload, and the next prediction is served at once."""
+    server, server_tmp = one_slot_server, one_slot_server.temp_dir
+    slots = server.max_concurrency
     before = uploads_in(server_tmp)
-    long = {"image": image_url, "prompt": "Count to ten thousand.", "seed": 3}
-    body = {"id": "long-one", "input": long | {"max_length_tokens": 4096}}
+    long = {"image": image_url, "prompt": "Count to ten thousand.", **RUNS_TO_THE_CONTEXT_END}
     headers = {"Accept": "text/event-stream"}
-    with server.post("/predictions", body, headers, stream=True) as stream:
-        assert stream.status_code == 200, server.explain(stream)
-        lines = stream.iter_lines()
-        next(line for line in lines if line == b"event: output")  # tokens are streaming
+    with contextlib.ExitStack() as streams:
+        lines = {}
+        for i in range(slots):
+            body = {"id": f"long-{i}", "input": long | {"max_length_tokens": 4096}}
+            stream = streams.enter_context(server.post("/predictions", body, headers, stream=True))
+            assert stream.status_code == 200, server.explain(stream)
+            lines[i] = stream.iter_lines()
+            next(line for line in lines[i] if line == b"event: start")  # running
+        # coglet sends an async predictor's output events only at the end (predict.py), so
+        # "generating" cannot be seen on the stream: give the answers a moment to get going
+        # (they run ~5 s to the context end).
+        time.sleep(1.0)
         assert server.health()["status"] == "BUSY"
         second = requests.post(
             server.url + "/predictions",
@@ -560,33 +593,45 @@ def test_busy_server_answers_409_and_a_cancel_frees_the_slot(server, server_tmp,
             timeout=10,
         )
         assert other.status_code == 409
-        # The upload coglet materialised for the running prediction is in the server's TMPDIR.
-        (upload,) = uploads_in(server_tmp) - before
-        assert upload.startswith("tmp")
+        # The uploads coglet materialised for the running predictions are in the server's TMPDIR.
+        running = uploads_in(server_tmp) - before
+        assert len(running) == slots and all(name.startswith("tmp") for name in running)
 
-        cancel = requests.post(server.url + "/predictions/long-one/cancel", timeout=10)
+        cancel = requests.post(server.url + "/predictions/long-0/cancel", timeout=10)
         cancelled_at = time.monotonic()
         assert cancel.status_code == 200
-        rest = b"\n".join(lines)
-    completed = json.loads(rest.split(b"event: completed\ndata: ")[1].split(b"\n")[0])
-    assert completed["status"] == "canceled"
-    assert time.monotonic() - cancelled_at < 3
+        rest = b"\n".join(lines[0])
+        completed = json.loads(rest.split(b"event: completed\ndata: ")[1].split(b"\n")[0])
+        assert completed["status"] == "canceled"
+        assert time.monotonic() - cancelled_at < 3
 
-    deadline = cancelled_at + 3
-    while True:  # the slot is free within moments of the cancel
-        response = requests.post(
-            server.url + "/predictions",
-            json={"input": {"image": image_url, "prompt": "Hi", "max_length_tokens": 4}},
-            timeout=30,
-        )
-        if response.status_code != 409 or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    succeeded(server, response)
-    assert time.monotonic() - cancelled_at < 3
+        deadline = cancelled_at + 3
+        while True:  # the slot is free within moments of the cancel
+            response = requests.post(
+                server.url + "/predictions",
+                json={"input": {"image": image_url, "prompt": "Hi", "max_length_tokens": 4}},
+                timeout=30,
+            )
+            if response.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        succeeded(server, response)
+        assert time.monotonic() - cancelled_at < 3
+        for i in range(1, slots):
+            assert requests.post(f"{server.url}/predictions/long-{i}/cancel", timeout=10).ok
+    deadline = time.monotonic() + 10
+    while uploads_in(server_tmp) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert uploads_in(server_tmp) == before  # deleted after the prediction, cancelled or not
-    logs = server.logs().splitlines()
-    (line,) = [ln for ln in logs if '"prediction_id":"long-one"' in ln and "finish=" in ln]
+    deadline = time.monotonic() + 5
+    while True:  # the predictor's log line reaches coglet's log a moment later; coglet may log
+        # it without the prediction's id once cancelled: it is the only seed=3 line here
+        logs = server.logs().splitlines()
+        found = [ln for ln in logs if " seed=3 finish=" in ln]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (line,) = found
     assert "finish=cancelled" in line
     assert int(line.split("output_tokens=")[1].split()[0]) < 3600  # stopped, not finished
 
@@ -596,7 +641,7 @@ def test_client_disconnect_cancels_and_the_next_prediction_succeeds(server, imag
         return sum("finish=cancelled" in line for line in server.logs().splitlines())
 
     before = cancelled()
-    long = {"image": image_url, "prompt": "Count to ten thousand.", "seed": 3}
+    long = {"image": image_url, "prompt": "Count to ten thousand.", **RUNS_TO_THE_CONTEXT_END}
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(
             server.url + "/predictions",
@@ -827,85 +872,11 @@ def test_a_missing_image_at_an_allowed_host_says_so(server, image_host):
 
 
 # -- setup failures -------------------------------------------------------------------------
-
-
-def broken_checkpoint(root: Path, kind: str) -> tuple[Path, list[str]]:
-    """A copy of the tiny checkpoint broken one way, and what the setup log must say."""
-    dst = root / kind
-    shutil.copytree(CHECKPOINT, dst)
-    weights = dst / "model.safetensors"
-    if kind == "unsupported topk_method":
-        config = json.loads((dst / "config.json").read_text())
-        config["language_config"]["topk_method"] = "sinkhorn"
-        (dst / "config.json").write_text(json.dumps(config))
-        expected = ["config.json language_config: unsupported value topk_method='sinkhorn'"]
-        expected.append("supported: ['greedy', 'group_limited_greedy', 'noaux_tc']")
-    elif kind == "truncated safetensors":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-        expected = [f"{weights}: cannot read safetensors file"]
-    elif kind == "pickle weights only":
-        weights.rename(dst / "pytorch_model.bin")
-        expected = [f"{dst}: no model.safetensors or model.safetensors.index.json"]
-    elif kind == "config.json not JSON":
-        (dst / "config.json").write_text('{"language_config": ')
-        expected = [f"{dst / 'config.json'}: not valid JSON"]
-    else:
-        raise AssertionError(kind)
-    return dst, expected
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "unsupported topk_method",
-        "truncated safetensors",
-        "pickle weights only",
-        "config.json not JSON",
-    ],
-)
-def test_broken_weights_fail_setup_with_the_reason(tmp_path, kind):
-    weights, expected = broken_checkpoint(tmp_path, kind)
-    with CogServer(weights, log_path=tmp_path / "server.log") as server:
-        health = server.wait_until("SETUP_FAILED", "READY", timeout=60)
-        assert health["status"] == "SETUP_FAILED", health
-        assert health["setup"]["status"] == "failed"
-        for text in expected:
-            assert text in health["setup"]["logs"], health["setup"]["logs"]
-        response = requests.post(
-            server.url + "/predictions", json={"input": {"prompt": "x"}}, timeout=10
-        )
-        assert response.status_code == 503
-        assert "Setup has not finished yet" in response.json()["error"]
-
-
-def test_setup_without_weights_offline_names_the_reason_in_the_health_check(tmp_path):
-    """No weights and no network: coglet answers every POST with its fixed 503 "Setup has not
-    finished yet" (its wording, even though setup failed -- the README's Security section says
-    so); the health check has the reason: one short line of ours after coglet's prefix, with
-    the ways forward, no traceback and no chained library errors."""
-    cwd = tmp_path / "model"  # only predict.py and the schema: no ./weights to find
-    (cwd / ".cog").mkdir(parents=True)
-    (cwd / "predict.py").symlink_to(REPO_ROOT / "predict.py")
-    (cwd / ".cog" / "openapi_schema.json").symlink_to(REPO_ROOT / ".cog/openapi_schema.json")
-    env = {"PYTHONPATH": str(REPO_ROOT), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    with CogServer(None, log_path=tmp_path / "server.log", env=env, cwd=cwd) as server:
-        health = server.wait_until("SETUP_FAILED", "READY", timeout=60)
-        assert health["status"] == "SETUP_FAILED", health
-        response = requests.post(
-            server.url + "/predictions", json={"input": {"prompt": "x"}}, timeout=10
-        )
-    logs = health["setup"]["logs"]
-    _, sep, ours = logs.partition("Setup failed: setup failed: ")
-    assert sep, logs
-    assert ours.startswith(
-        "Weights unavailable: Could not download the weights deepseek-ai/deepseek-vl2-small@main"
-    ), logs
-    assert "the Hugging Face Hub at http://127.0.0.1:9 could not be reached" in ours
-    assert "DEEPSEEK_VL2_WEIGHTS" in ours and "./weights" in ours
-    assert "Traceback" not in logs and not CLASS_NAME.search(ours), logs
-    assert len(ours.splitlines()) == 2, ours
-    assert response.status_code == 503
-    assert response.json()["error"].startswith("Setup has not finished yet")
+# Broken and missing checkpoints: tests/test_checkpoint.py runs Predictor().setup() on each
+# in-process (the message it fails with is what /health-check shows), tests/test_cog_server.py
+# boots one server on an empty weights directory, tests/test_hub.py checks the offline
+# download's message. While setup has failed coglet answers every POST with its fixed 503
+# "Setup has not finished yet" (README, Security).
 
 
 # -- in-process: the adapter's guards and fault handling --------------------------------------
@@ -1171,17 +1142,19 @@ def inject(monkeypatch, pipe, fault, after: int, held: list | None = None) -> No
     ],
 )
 def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypatch, caplog, fault):
-    """Inject the fault into the token stream after 3 tokens: the chunks already streamed
+    """Inject the fault into the token stream after 5 tokens: the chunks already streamed
     stand, the prediction fails with a clear message, what it held is freed (including the
     CUDA cache when CUDA is in use), and the next prediction is served normally."""
     held: list[weakref.ref] = []
     emptied: list[bool] = []
-    inject(monkeypatch, predictor.pipe, fault, after=3, held=held)
+    inject(monkeypatch, predictor.pipe, fault, after=5, held=held)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     from deepseek_vl2_runtime.serving import PredictionError
 
-    stream = predict(predictor, image=upload, prompt="Tell a story.", max_length_tokens=64)
+    stream = predict(
+        predictor, image=upload, prompt="Tell a story.", max_length_tokens=64, seed=1, top_k=1
+    )
     chunks = []
     with pytest.raises(PredictionError) as info:
         for chunk in stream:
@@ -1202,7 +1175,7 @@ def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypa
         assert "RuntimeError: expert index out of range" in caplog.text
     assert type(info.value).__qualname__ == "Server error"
     assert info.value.__cause__ is None and info.value.__context__ is None
-    assert 1 <= len(chunks) <= 3
+    assert 1 <= len(chunks) <= 5
     assert held[0]() is None, "the failed prediction's tensors are still referenced"
     assert emptied == [True]
     assert "finish=error" in caplog.text and "prediction failed: " in caplog.text
@@ -1243,16 +1216,16 @@ if {apply}:
     serving.return_freed_memory_to_the_os()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
-for mib in (4, 8, 16, 32):  # freeing mmapped blocks raises glibc's threshold (to 32 MiB)
+for mib in (4, 8, 16):  # freeing mmapped blocks raises glibc's dynamic threshold (to 16 MiB)
     block = bytearray(mib << 20)
     del block
 before = rss()
-big, small = [], []
-for _ in range(64):  # 128 MiB in 2 MiB blocks, small live blocks in between (no heap trim)
+big, pins = [], []
+for _ in range(64):  # 128 MiB in 2 MiB blocks, each followed by a 200 KB block that stays
     big.append(bytearray(2 << 20))
-    small.append(bytearray(1000))
+    pins.append(bytearray(200_000))
 del big
-print(rss() - before)
+print(rss() - before - (64 * 200_000 >> 20))
 """
 
 

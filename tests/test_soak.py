@@ -1,27 +1,31 @@
-"""Soak: 200 sequential requests of every kind to the real Cog server, then check nothing leaked.
+"""Soak: 200 sequential requests of every kind to the real Cog server; memory must stay flat.
 
 The real coglet server runs predict.py on the tiny checkpoint with its own TMPDIR (coglet writes
-each downloaded input there: `cog.types.URLPath.convert` -> `tempfile.NamedTemporaryFile`, and
-deletes it after the prediction). A cycle of valid and invalid requests (images of every kind,
-grounding prompts, boundary parameters, broken uploads, hostile prompts and paths, schema
-violations) is sent 200 times in a row with small `max_length_tokens`. Every answer must be the
-expected one; afterwards the worker's resident memory (from /proc) must be flat after warm-up
-and the temp directory must hold exactly what it held before. Run with `-s` to see the figures.
+each downloaded input there: `cog.types.URLPath.convert` -> our `serving._convert`, and deletes
+it after the prediction). A cycle of valid and invalid requests (images of every kind, distinct
+~5 MB uploads -- a new one every time, grounding prompts, boundary parameters, broken uploads,
+hostile prompts and paths, schema violations) is sent 200 times in a row with small
+`max_length_tokens`, plus one giant image (8000 x 8000 PNG, 192 MB decoded) once after warm-up.
+Every answer must be the expected one. The worker's resident memory (from /proc) is sampled
+after every request once warm-up is over: no sample may exceed the post-warm-up level by more
+than `MAX_RSS_STEP_MIB` (a step change, even one that never grows again), and the end must be
+within `MAX_RSS_DRIFT` of the start. The temp directory must hold exactly what it held before.
+Run with `-s` to see the figures.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import os
-import struct
+import statistics
 import threading
 import time
-import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from images import encode, gradient, image_url, noise_png, png_declaring
+from PIL import Image, ImageDraw
 
 from cog_server import CogServer
 from paths import tiny_checkpoint
@@ -30,38 +34,33 @@ CHECKPOINT = tiny_checkpoint()
 pytestmark = pytest.mark.skipif(CHECKPOINT is None, reason="tiny checkpoint not found")
 
 REQUESTS = 200
-WARM_UP = 30  # RSS is compared from here (every case has run once by then) to the end
+WARM_UP = 30  # every case has run once by then; RSS is compared from here to the end
+GIANT_AT = WARM_UP + 10  # the one-off giant image, after warm-up
+MAX_RSS_STEP_MIB = 64
 MAX_RSS_DRIFT = 0.05
+LARGE_UPLOAD_BYTES = 5_000_000
 
 
 def data_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **save)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_url(image, fmt, **save)
 
 
-def gradient(size=(96, 64)) -> Image.Image:
-    w, h = size
-    image = Image.new("RGB", size)
-    image.putdata([(x * 255 // w, y * 255 // h, (x + y) % 256) for y in range(h) for x in range(w)])
-    return image
+def distinct_large_upload() -> dict:
+    """A new ~5 MB PNG of random pixels each call: Cog's URL parsing sees a distinct string."""
+    payload = noise_png(LARGE_UPLOAD_BYTES)
+    return {"image": "data:image/png;base64," + base64.b64encode(payload).decode()}
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (a decompression bomb), with one tiny row."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(bytes(width + 1))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+def giant_image() -> str:
+    """8000 x 8000 (64 megapixels, under the 67,108,864 limit): a small PNG, 192 MB decoded."""
+    image = Image.new("RGB", (8000, 8000), (30, 90, 160))
+    ImageDraw.Draw(image).ellipse((1000, 1500, 6000, 7000), fill=(240, 200, 40))
+    return "data:image/png;base64," + base64.b64encode(encode(image, compress_level=1)).decode()
 
 
-def cases() -> list[tuple[str, dict, int | None, str | None]]:
-    """(name, inputs, expected HTTP status (None: 200 and succeeded), message fragment)."""
+def cases() -> list[tuple[str, dict | Callable[[], dict], int | None, str | None]]:
+    """(name, inputs (or a function making new ones each time), expected HTTP status (None: 200
+    and succeeded), message fragment)."""
     png = data_url(gradient())
     jpeg = data_url(gradient((200, 120)), "JPEG")
     rgba = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
@@ -90,6 +89,18 @@ def cases() -> list[tuple[str, dict, int | None, str | None]]:
         ("gif", {"image": gif, "prompt": "<|grounding|>Find the colour."} | short, ok, None),
         ("1x1", {"image": data_url(Image.new("L", (1, 1), 7)), "prompt": "Hi"} | short, ok, None),
         ("6000x4000", {"image": big, "prompt": "Hi"} | short, ok, None),
+        (
+            "distinct 5 MB upload",
+            lambda: distinct_large_upload() | {"prompt": "Hi"} | short,
+            ok,
+            None,
+        ),
+        (
+            "another distinct 5 MB upload",
+            lambda: distinct_large_upload() | {"prompt": "What is it?", "temperature": 0} | short,
+            ok,
+            None,
+        ),
         (
             "two images",
             {"image": png, "image_2": jpeg, "prompt": "Compare <image> and <image>."} | short,
@@ -194,22 +205,6 @@ def cases() -> list[tuple[str, dict, int | None, str | None]]:
     ]
 
 
-def worker_pid(server_pid: int) -> int:
-    """The server's Python worker: its child process (`python -c "import coglet; ..."`)."""
-    children = []
-    for task in Path(f"/proc/{server_pid}/task").iterdir():
-        children += (task / "children").read_text().split()
-    (pid,) = [int(c) for c in children if b"coglet" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    return pid
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def files_under(directory: Path) -> set[str]:
     return {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
 
@@ -243,19 +238,24 @@ def test_soak(tmp_path):
     temp_dir = tmp_path / "tmpdir"
     temp_dir.mkdir()
     env = {"TMPDIR": str(temp_dir)}
+    giant = giant_image()
     with CogServer(CHECKPOINT, log_path=tmp_path / "server.log", env=env) as server:
         health = server.wait_until("READY", "SETUP_FAILED")
         assert health["status"] == "READY", health
-        worker = worker_pid(server.proc.pid)
+        worker = server.worker_pid()
         temp_before = files_under(temp_dir)
         cycle = cases()
         served = refused_clearly = 0
-        rss: dict[int, int] = {0: rss_kib(worker)}
+        rss: dict[int, int] = {0: server.worker_rss_kib()}  # after request n (KiB)
         watcher = TempDirWatcher(temp_dir)
         watcher.start()
         started = time.monotonic()
         for i in range(REQUESTS):
             name, inputs, status, fragment = cycle[i % len(cycle)]
+            if i == GIANT_AT:
+                name, inputs, status = "giant 8000x8000", {"image": giant, "prompt": "Hi"}, None
+                inputs |= {"max_length_tokens": 2}
+            inputs = inputs() if callable(inputs) else inputs
             response = server.predict(**inputs)
             where = f"request {i} ({name}): {server.explain(response)}"
             if status is None:
@@ -271,36 +271,45 @@ def test_soak(tmp_path):
             elif status == 200:
                 body = response.json()
                 assert response.status_code == 200 and body["status"] == "failed", where
-                assert "InputError: " in body["error"] and fragment in body["error"], where
+                assert "Invalid input: " in body["error"] and fragment in body["error"], where
                 refused_clearly += 1
             else:
                 assert response.status_code == status, where
                 assert fragment in response.json()["detail"][0]["msg"], where
                 refused_clearly += 1
-            if i + 1 == WARM_UP or (i + 1) % 20 == 0:
-                rss[i + 1] = rss_kib(worker)
+            if i + 1 >= WARM_UP or (i + 1) % 10 == 0:
+                rss[i + 1] = server.worker_rss_kib()
         elapsed = time.monotonic() - started
         watcher.stop()
         assert server.health()["status"] == "READY"
-        assert worker_pid(server.proc.pid) == worker  # the same worker served everything
+        assert server.worker_pid() == worker  # the same worker served everything
         temp_after = files_under(temp_dir)
 
-    start, end = rss[WARM_UP], rss[REQUESTS]
+    mib = {n: kib / 1024 for n, kib in rss.items()}
+    measured = {n: v for n, v in mib.items() if n >= WARM_UP}
+    start, end = measured[WARM_UP], measured[REQUESTS]
+    highest = max(measured, key=measured.get)
     drift = (end - start) / start
+    after_giant = measured[GIANT_AT + 1]
     print(
-        f"\nsoak: {REQUESTS} requests ({len(cycle)} kinds) in {elapsed:.1f} s: "
-        f"{served} predictions served, {refused_clearly} invalid inputs answered clearly "
-        f"(failed prediction or 422), 0 unexpected answers\n"
+        f"\nsoak: {REQUESTS} requests ({len(cycle)} kinds, distinct 5 MB uploads, one giant image "
+        f"at request {GIANT_AT}) in {elapsed:.1f} s: {served} predictions served, "
+        f"{refused_clearly} invalid inputs answered clearly (failed prediction or 422), "
+        f"0 unexpected answers\n"
         f"worker RSS (MiB) after request n: "
-        + ", ".join(f"{n}: {kib / 1024:.1f}" for n, kib in sorted(rss.items()))
-        + f"\nworker RSS after warm-up ({WARM_UP} requests) {start / 1024:.1f} MiB -> end "
-        f"{end / 1024:.1f} MiB: drift {drift:+.2%} (limit {MAX_RSS_DRIFT:.0%})\n"
+        + ", ".join(f"{n}: {v:.0f}" for n, v in sorted(mib.items()) if n % 10 == 0 or n == 1)
+        + f"\nafter warm-up ({WARM_UP} requests) {start:.1f} MiB, end {end:.1f} MiB "
+        f"(drift {drift:+.2%}, limit {MAX_RSS_DRIFT:.0%}), highest {measured[highest]:.1f} MiB "
+        f"after request {highest} (step limit +{MAX_RSS_STEP_MIB} MiB), right after the giant "
+        f"image {after_giant:.1f} MiB, median {statistics.median(measured.values()):.1f} MiB\n"
         f"temp dir {temp_dir}: {len(temp_before)} files before, {len(temp_after)} after "
         f"(new: {sorted(temp_after - temp_before)}); during the soak {len(watcher.seen)} "
         f"distinct upload files were seen there, at most {watcher.most_at_once} at once"
     )
     assert served + refused_clearly == REQUESTS
-    assert abs(drift) <= MAX_RSS_DRIFT, rss
+    steps = {n: round(v - start) for n, v in measured.items() if v - start > MAX_RSS_STEP_MIB}
+    assert not steps, f"RSS rose by more than {MAX_RSS_STEP_MIB} MiB after requests {steps}"
+    assert abs(drift) <= MAX_RSS_DRIFT, mib
     assert temp_after == temp_before
     assert watcher.seen  # the uploads really went through this directory
     assert watcher.most_at_once <= 3  # one request at a time, at most three images each
