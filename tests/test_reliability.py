@@ -785,6 +785,37 @@ def test_shell_and_template_syntax_reaches_the_model_verbatim(
     assert not canary.exists()
 
 
+def readme_curl_example() -> str:
+    """The shell commands of the README's local-server example (the block with `curl`)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "curl" in b and "/predictions" in b]
+    return "\n".join(line.strip() for line in block.splitlines())
+
+
+@pytest.mark.skipif(
+    not (shutil.which("bash") and shutil.which("curl") and shutil.which("base64")),
+    reason="needs bash, curl and base64",
+)
+def test_readme_curl_example_works_for_a_5_mb_photo(server, tmp_path):
+    """Run the README's commands as written (port changed) on a 5 MB JPEG: far beyond the
+    ~128 KB one command-line argument can hold, which broke the old example."""
+    photo = Image.frombytes("RGB", (2100, 2100), os.urandom(2100 * 2100 * 3))
+    (tmp_path / "photo.jpg").write_bytes(encode(photo, "JPEG", quality=95))
+    assert (tmp_path / "photo.jpg").stat().st_size > 5_000_000
+    script = readme_curl_example().replace("127.0.0.1:5000", server.url.removeprefix("http://"))
+    done = subprocess.run(
+        [shutil.which("bash"), "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["status"] == "succeeded", body
+    assert isinstance(body["output"], list) and "".join(body["output"])
+
+
 # -- URL inputs: fetched by our code (serving.download), public addresses only ---------------
 
 
