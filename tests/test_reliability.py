@@ -1435,3 +1435,75 @@ def test_tiny_temperature_and_penalty_do_not_overflow(mla_pipeline):
         temperature=1, repetition_penalty=1e-5
     )
     assert ids(temperature=1, repetition_penalty=1e-300) != [0] * 8
+
+
+# -- the CLI: arguments and files checked before the model loads -------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Pipeline.load fails the test if called: every refusal below must come first."""
+    import deepseek_vl2_runtime.__main__ as cli
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli.Pipeline, "load", load)
+    return cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "error: --temperature: temperature=-1.0 is invalid: use a value"),
+        (["--top-p", "3"], "error: --top-p: top_p=3.0 is invalid: use a value between 0 and 1"),
+        (["--top-k", "-2"], "error: --top-k: top_k=-2 is invalid"),
+        (["--repetition-penalty", "0"], "error: --repetition-penalty: repetition_penalty=0.0"),
+        (["--max-new-tokens", "-1"], "error: --max-new-tokens: max_new_tokens=-1 is invalid"),
+        (["--seed", str(2**63)], "error: --seed: seed=9223372036854775808 is invalid"),
+        (["--annotate", "out.png"], "error: --annotate needs an --image to draw on"),
+        (["--image", "nope.jpg"], "error: --image nope.jpg: the file could not be found"),
+        (["--image", "tests"], "error: --image tests: is a directory, not an image file"),
+        (["--image", "README.md"], "error: --image README.md: The uploaded file is not a recog"),
+    ],
+    ids=repr,
+)
+def test_cli_refuses_bad_arguments_before_loading(
+    no_model_load, capsys, monkeypatch, args, message
+):
+    monkeypatch.chdir(REPO_ROOT)
+    code = no_model_load.main(["generate", "--weights", str(CHECKPOINT), "--prompt", "Hi", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "on the server" not in err
+
+
+def test_cli_missing_weights_dir_points_at_the_tiny_checkpoint(no_model_load, capsys, tmp_path):
+    code = no_model_load.main(["generate", "--weights", str(tmp_path / "w"), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--weights {tmp_path / 'w'}: not a directory" in err
+    assert "--weights tests/data/golden/cases/mla/model" in err
+
+
+def test_cli_annotate_says_when_there_is_nothing_to_draw(tmp_path, capsys, monkeypatch):
+    """An answer without grounding boxes: the image is written as it was, and stderr says so."""
+    import deepseek_vl2_runtime.__main__ as cli
+
+    monkeypatch.setattr(cli, "parse_grounding", lambda text: [])  # whatever the model said
+    image, out = tmp_path / "in.png", tmp_path / "out.png"
+    gradient().save(image)
+    args = [
+        "--image",
+        str(image),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--annotate",
+        str(out),
+    ]
+    assert cli.main(["generate", "--weights", str(CHECKPOINT), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the answer has no grounding boxes, so {out} is the image without any" in err
+    assert Image.open(out).size == gradient().size
