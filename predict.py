@@ -167,7 +167,14 @@ class Predictor(BasePredictor):
         failure = None
         try:  # decoding and tiling run in a thread: the event loop keeps streaming the others
             start = time.perf_counter()
-            stream = await asyncio.to_thread(self._encode, paths, prompt, params, loop)
+            encoding = asyncio.ensure_future(
+                asyncio.to_thread(self._encode, paths, prompt, params, loop)
+            )
+            try:
+                stream = await asyncio.shield(encoding)
+            except asyncio.CancelledError:  # cancelled while encoding: stop the request it submits
+                encoding.add_done_callback(_close_when_encoded)
+                raise
         except InputError as exc:
             raise user_error(exc) from None
         except Exception as exc:  # out of memory while encoding, or a bug: not the user's fault
@@ -220,3 +227,8 @@ class Predictor(BasePredictor):
             elapsed,
             tps,
         )
+
+
+def _close_when_encoded(encoding: asyncio.Future) -> None:
+    if not encoding.cancelled() and encoding.exception() is None:
+        encoding.result().close()

@@ -47,11 +47,12 @@ def test_answer_matches_the_runtime(predictor, image_path):
     assert "".join(chunks) == expected
 
 
-def test_same_seed_same_text_and_plain_str_paths(predictor, image_path):
+def test_same_seed_same_text_and_plain_str_paths_are_refused(predictor, image_path):
     inputs = {"prompt": "<|ref|>the cat<|/ref|>", "seed": 7, "max_length_tokens": 40}
     first = "".join(predict(predictor, image=image_path, **inputs))
-    second = "".join(predict(predictor, image=str(image_path), **inputs))  # str, not cog.Path
-    assert first == second
+    assert first == "".join(predict(predictor, image=image_path, **inputs))
+    with pytest.raises(InputError, match="is not an uploaded file"):  # a str names, not uploads
+        predict(predictor, image=str(image_path), **inputs)
 
 
 def test_three_images_and_the_per_request_log_line(predictor, image_path, caplog):
