@@ -99,19 +99,20 @@ class TokenStream:
     step; safe from any thread, any number of times.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, wake: threading.Condition, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._loop = loop
         self._items: queue.SimpleQueue | asyncio.Queue
         self._items = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self.cancelled = False
         self.finished: Finished | None = None
-        self._wake: threading.Condition | None = None
+        self._wake = wake  # the engine's condition: a cancel wakes an idle loop
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self._wake is not None:
-            with self._wake:
-                self._wake.notify()
+        with self._wake:
+            self._wake.notify()
 
     def _emit(self, item: Token | Finished) -> bool:
         """Engine side. False when the consumer's event loop is gone (treated as a cancel)."""
@@ -297,11 +298,10 @@ class Engine:
             params=params,
             budget=budget,
             limit="context" if budget < params.max_new_tokens else "length",
-            stream=TokenStream(loop),
+            stream=TokenStream(self._cv, loop),
             generator=torch.Generator(self.device).manual_seed(params.seed),
             keep_logits=keep_logits,
         )
-        seq.stream._wake = self._cv
         if budget == 0:
             seq.stream._emit(Finished(seq.limit))
             return seq.stream

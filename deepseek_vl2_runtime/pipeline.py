@@ -165,11 +165,9 @@ class TextStream(Iterator[str]):
         if self.finish_reason is not None:
             raise StopIteration
         for token in self._tokens:
-            text = self._push(token)
-            if text:
+            if text := self._push(token):
                 return text
-        text = self._end()
-        if text:
+        if text := self._end():
             return text
         raise StopIteration
 
@@ -180,11 +178,9 @@ class TextStream(Iterator[str]):
         if self.finish_reason is not None:
             raise StopAsyncIteration
         async for token in self._tokens:
-            text = self._push(token)
-            if text:
+            if text := self._push(token):
                 return text
-        text = self._end()
-        if text:
+        if text := self._end():
             return text
         raise StopAsyncIteration
 
