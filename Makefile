@@ -5,9 +5,6 @@ PYTHON := .venv/bin/python
 PY_BIN := $(CURDIR)/.venv/bin
 PORT ?= 5000
 HOST ?= 127.0.0.1
-# Requests the local server accepts at once (cog.yaml concurrency.max; coglet reads it from
-# COG_MAX_CONCURRENCY when run without Docker).
-CONCURRENCY ?= 32
 # `make predict`: the weights directory (downloaded into ./weights when absent), the image and
 # the prompt. Try it without the real weights: WEIGHTS=tests/data/golden/cases/mla/model
 WEIGHTS ?= weights
@@ -82,5 +79,4 @@ format:
 # Weights: ./weights, or DEEPSEEK_VL2_WEIGHTS=/path/to/snapshot make serve
 serve: schema-check
 	PATH="$(PY_BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
-		COG_MAX_CONCURRENCY=$(CONCURRENCY) \
 		$(PYTHON) -m cog.server.http --host $(HOST)

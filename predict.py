@@ -1,40 +1,33 @@
 """Cog adapter for DeepSeek-VL2-small: setup() loads the runtime once, predict() streams the answer.
 
 All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. predict()
-is an async generator and Cog runs up to MAX_CONCURRENCY of them at once: each one decodes its
-images and encodes its prompt in a worker thread, then submits the request to the pipeline's
-engine, which batches every running request into one decode step per token (continuous
-batching; engine.py), and streams its own tokens back. User mistakes surface as an invalid-input
-failure with their message; cancellation (`asyncio.CancelledError`) and vanished clients stop
-that request's generation through `stream.close()`, which frees its cache at the engine's next
-step. Anything else that goes wrong inside a prediction (out of memory, a bug) fails only that
-prediction, with a `PredictionError` saying so; what it held is released first.
+decodes its images, encodes its prompt, submits the request to the pipeline's engine (engine.py,
+which batches every request it holds into one decode step per token) and streams the text. User
+mistakes surface as an invalid-input failure with their message; cancellation arrives as
+`CancelationException` and stops generation through `stream.close()`, which frees the cache at
+the engine's next step. Anything else that goes wrong inside a prediction (out of memory, a bug)
+fails only that prediction, with a `PredictionError` saying so; what it held is released first.
+
+Why one request at a time through Cog (measured with toy predictors on coglet 0.23.1): more than
+one slot needs an async predict(), and coglet then either collects an async generator's whole
+output before sending any of it (no streaming), or, for a plain generator returned by an async
+predict(), streams it but never interrupts it on cancel (generation runs to its budget). A
+streaming, cancellable answer is kept instead; the engine serves concurrent requests from the
+Python API and the benchmark.
 
 Why `BasePredictor.predict` and not cog 0.23's `BaseRunner.run`: the published model and this
 product's interface are `predict()` with `predict:` in cog.yaml, which every Cog CLI builds
 (BaseRunner needs >= 0.20); 0.23.1 serves both and only logs a DeprecationWarning for ours.
-
-Image inputs are read only from files that Cog itself downloaded (http(s) and data URLs land in
-its temp directory). Cog hands any other string over as-is, so without `upload_path` an input
-like "/etc/passwd" or "weights/model.safetensors" would be opened on the server.
 """
 
-import asyncio
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
-from cog import (
-    AsyncConcatenateIterator,
-    BasePredictor,
-    Input,
-    Path,
-    concurrent,
-    current_scope,
-    streaming,
-)
+from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
 
 from deepseek_vl2_runtime.errors import InputError
 from deepseek_vl2_runtime.hub import resolve_verified_weights
@@ -52,10 +45,6 @@ from deepseek_vl2_runtime.serving import (
 
 log = logging.getLogger("deepseek_vl2_runtime.cog")
 
-# Requests in flight at once (cog.yaml `concurrency.max`; on a host without Docker coglet reads
-# COG_MAX_CONCURRENCY, which `make serve` sets). The engine runs as many as its KV cache holds
-# (32 full 4096-token contexts on an L40S) and queues the rest, so this is also its batch size.
-MAX_CONCURRENCY = 32
 # Our names for the runtime's parameters, where the published inputs differ.
 INPUT_NAMES = {"max_new_tokens": "max_length_tokens"}
 
@@ -96,8 +85,7 @@ class Predictor(BasePredictor):
         return self.pipe.engine.healthy
 
     @streaming
-    @concurrent(max=MAX_CONCURRENCY)
-    async def predict(
+    def predict(
         self,
         image: Path = Input(
             description="Image to ask about (PNG, JPEG, WebP, GIF, BMP or TIFF).", accept=IMAGES
@@ -146,7 +134,7 @@ class Predictor(BasePredictor):
         ),
         image_2: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
         image_3: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
-    ) -> AsyncConcatenateIterator[str]:
+    ) -> ConcatenateIterator[str]:
         # Everything that can be the user's fault (parameters, images, <image> tags, context) is
         # checked before the first token, so a bad request fails with the InputError message.
         params = SamplingParams(
@@ -163,18 +151,10 @@ class Predictor(BasePredictor):
             raise user_error(exc.renamed(INPUT_NAMES)) from None
         uploads = {"image": image, "image_2": image_2, "image_3": image_3}
         paths = [upload_path(p, name) for name, p in uploads.items() if p is not None]
-        loop = asyncio.get_running_loop()
         failure = None
-        try:  # decoding and tiling run in a thread: the event loop keeps streaming the others
+        try:
             start = time.perf_counter()
-            encoding = asyncio.ensure_future(
-                asyncio.to_thread(self._encode, paths, prompt, params, loop)
-            )
-            try:
-                stream = await asyncio.shield(encoding)
-            except asyncio.CancelledError:  # cancelled while encoding: stop the request it submits
-                encoding.add_done_callback(_close_when_encoded)
-                raise
+            stream = self._encode(paths, prompt, params)
         except InputError as exc:
             raise user_error(exc) from None
         except Exception as exc:  # out of memory while encoding, or a bug: not the user's fault
@@ -182,29 +162,25 @@ class Predictor(BasePredictor):
         if failure is not None:
             raise failure
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
+        return self._generate(stream, start)
+
+    def _generate(self, stream: TextStream, start: float) -> Iterator[str]:
         failure = None
         try:
-            async for chunk in stream:
-                yield chunk
+            yield from stream
         except Exception as exc:  # e.g. CUDA out of memory mid-answer: fail this prediction only
             failure = exc
             stream.finish_reason = "error"  # for the log line below
-        finally:  # also on cancellation / client disconnect: stop generating now
+        finally:  # also on CancelationException / client disconnect: stop generating now
             stream.close()
             self._report(stream, start)
         if failure is not None:
             error, failure = server_failure(failure), None
             raise error
 
-    def _encode(
-        self,
-        paths: list[str],
-        prompt: str,
-        params: SamplingParams,
-        loop: asyncio.AbstractEventLoop,
-    ) -> TextStream:
+    def _encode(self, paths: list[str], prompt: str, params: SamplingParams) -> TextStream:
         images = [load_image(p) for p in paths]
-        return self.pipe.stream(prompt, images, params, loop)
+        return self.pipe.stream(prompt, images, params)
 
     @staticmethod
     def _report(stream: TextStream, start: float) -> None:
@@ -227,8 +203,3 @@ class Predictor(BasePredictor):
             elapsed,
             tps,
         )
-
-
-def _close_when_encoded(encoding: asyncio.Future) -> None:
-    if not encoding.cancelled() and encoding.exception() is None:
-        encoding.result().close()
