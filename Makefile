@@ -5,6 +5,9 @@ PYTHON := .venv/bin/python
 PY_BIN := $(CURDIR)/.venv/bin
 PORT ?= 5000
 HOST ?= 127.0.0.1
+# Requests the local server accepts at once (cog.yaml concurrency.max; coglet reads it from
+# COG_MAX_CONCURRENCY when run without Docker).
+CONCURRENCY ?= 32
 # `make predict`: the weights directory (downloaded into ./weights when absent), the image and
 # the prompt. Try it without the real weights: WEIGHTS=tests/data/golden/cases/mla/model
 WEIGHTS ?= weights
@@ -23,7 +26,7 @@ help:
 	@echo "make schema-check  fail if the committed schema is stale"
 	@echo "make test          run the test suite (CPU)"
 	@echo "make test-fast     the inner loop (<= 60 s): no Cog server, subprocess, fuzz or slow tests"
-	@echo "make lint          ruff check + format check"
+	@echo "make lint          ruff check + format check + mypy (deepseek_vl2_runtime, predict.py)"
 	@echo "make serve         run the Cog HTTP server (coglet) on \$$HOST:\$$PORT without Docker"
 
 setup: .venv/.installed
@@ -71,6 +74,7 @@ test-cog: setup
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy deepseek_vl2_runtime predict.py
 
 format:
 	$(PYTHON) -m ruff format .
@@ -79,4 +83,5 @@ format:
 # Weights: ./weights, or DEEPSEEK_VL2_WEIGHTS=/path/to/snapshot make serve
 serve: schema-check
 	PATH="$(PY_BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
+		COG_MAX_CONCURRENCY=$(CONCURRENCY) \
 		$(PYTHON) -m cog.server.http --host $(HOST)

@@ -1,34 +1,51 @@
 """Cog adapter for DeepSeek-VL2-small: setup() loads the runtime once, predict() streams the answer.
 
 All model logic lives in deepseek_vl2_runtime; this file only maps Cog inputs to it. predict()
-decodes its images, encodes its prompt, submits the request to the pipeline's engine (engine.py,
-which batches every request it holds into one decode step per token) and streams the text. User
-mistakes surface as an invalid-input failure with their message; cancellation arrives as
-`CancelationException` and stops generation through `stream.close()`, which frees the cache at
-the engine's next step. Anything else that goes wrong inside a prediction (out of memory, a bug)
+is an async generator and Cog runs up to MAX_CONCURRENCY of them at once: each one decodes its
+images and encodes its prompt in a worker thread, then submits the request to the pipeline's
+engine, which batches every running request into one decode step per token (continuous
+batching; engine.py), and yields its own text as it is decoded. User mistakes surface as an
+invalid-input failure with their message; cancellation (`asyncio.CancelledError`) and vanished
+clients stop that request's generation through `stream.close()`, which frees its cache at the
+engine's next step. Anything else that goes wrong inside a prediction (out of memory, a bug)
 fails only that prediction, with a `PredictionError` saying so; what it held is released first.
 
-Why one request at a time through Cog (measured with toy predictors on coglet 0.23.1): more than
-one slot needs an async predict(), and coglet then either collects an async generator's whole
-output before sending any of it (no streaming), or, for a plain generator returned by an async
-predict(), streams it but never interrupts it on cancel (generation runs to its budget). A
-streaming, cancellable answer is kept instead; the engine serves concurrent requests from the
-Python API and the benchmark.
+What coglet 0.23.1 (the newest on PyPI) does with it, measured: it runs the slots concurrently
+and cancels each one alone, but it collects an async generator's chunks and sends them when the
+answer is complete (its worker wraps the generator in a helper that appends every item to a
+list), so SSE and webhook clients receive every `output` event at the end. The alternatives are
+worse: a sync predict() streams live but serves one request at a time, and a plain generator
+returned from an async predict() streams live but is never interrupted on cancel (coglet's
+cancel only reaches the coroutine, which has already returned), so a vanished client would hold
+its slot until its token budget ran out. The CLI and the Python API stream token by token.
 
 Why `BasePredictor.predict` and not cog 0.23's `BaseRunner.run`: the published model and this
 product's interface are `predict()` with `predict:` in cog.yaml, which every Cog CLI builds
 (BaseRunner needs >= 0.20); 0.23.1 serves both and only logs a DeprecationWarning for ours.
+
+Image inputs are read only from files that Cog itself downloaded (http(s) and data URLs land in
+its temp directory). Cog hands any other string over as-is, so without `upload_path` an input
+like "/etc/passwd" or "weights/model.safetensors" would be opened on the server.
 """
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
-from cog import BasePredictor, ConcatenateIterator, Input, Path, current_scope, streaming
+from cog import (
+    AsyncConcatenateIterator,
+    BasePredictor,
+    Input,
+    Path,
+    concurrent,
+    current_scope,
+    streaming,
+)
 
+from deepseek_vl2_runtime.engine import EngineConfig
 from deepseek_vl2_runtime.errors import InputError
 from deepseek_vl2_runtime.hub import resolve_verified_weights
 from deepseek_vl2_runtime.image_io import load_image
@@ -45,6 +62,10 @@ from deepseek_vl2_runtime.serving import (
 
 log = logging.getLogger("deepseek_vl2_runtime.cog")
 
+# Requests in flight at once (cog.yaml `concurrency.max`; on a host without Docker coglet reads
+# COG_MAX_CONCURRENCY, which `make serve` sets). The engine runs as many as its KV cache holds
+# (32 full 4096-token contexts on an L40S) and queues the rest, so this is also its batch size.
+MAX_CONCURRENCY = 32
 # Our names for the runtime's parameters, where the published inputs differ.
 INPUT_NAMES = {"max_new_tokens": "max_length_tokens"}
 
@@ -71,7 +92,12 @@ class Predictor(BasePredictor):
         # On CPU compilation costs ~40 s at setup, so it is off unless asked for.
         compile_default = "1" if torch.cuda.is_available() else "0"
         compile_decode = os.environ.get("DEEPSEEK_VL2_COMPILE", compile_default) == "1"
-        self.pipe = Pipeline.load(weights, compile=compile_decode)
+        # The engine holds as many sequences as coglet runs predictions at once (the image's
+        # COG_MAX_CONCURRENCY comes from cog.yaml; `make serve` sets it on a bare host).
+        slots = int(os.environ.get("COG_MAX_CONCURRENCY") or MAX_CONCURRENCY)
+        self.pipe = Pipeline.load(
+            weights, compile=compile_decode, engine=EngineConfig(max_batch=slots)
+        )
         log.info(
             "ready: %s on %s/%s in %.1f s",
             weights,
@@ -85,7 +111,8 @@ class Predictor(BasePredictor):
         return self.pipe.engine.healthy
 
     @streaming
-    def predict(
+    @concurrent(max=MAX_CONCURRENCY)
+    async def predict(
         self,
         image: Path = Input(
             description="Image to ask about (PNG, JPEG, WebP, GIF, BMP or TIFF).", accept=IMAGES
@@ -134,7 +161,7 @@ class Predictor(BasePredictor):
         ),
         image_2: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
         image_3: Path | None = Input(default=None, description=EXTRA_IMAGE, accept=IMAGES),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         # Everything that can be the user's fault (parameters, images, <image> tags, context) is
         # checked before the first token, so a bad request fails with the InputError message.
         params = SamplingParams(
@@ -151,10 +178,18 @@ class Predictor(BasePredictor):
             raise user_error(exc.renamed(INPUT_NAMES)) from None
         uploads = {"image": image, "image_2": image_2, "image_3": image_3}
         paths = [upload_path(p, name) for name, p in uploads.items() if p is not None]
+        loop = asyncio.get_running_loop()
         failure = None
-        try:
+        try:  # decoding and tiling run in a thread: the event loop keeps streaming the others
             start = time.perf_counter()
-            stream = self._encode(paths, prompt, params)
+            encoding = asyncio.ensure_future(
+                asyncio.to_thread(self._encode, paths, prompt, params, loop)
+            )
+            try:
+                stream = await asyncio.shield(encoding)
+            except asyncio.CancelledError:  # cancelled while encoding: stop the request it submits
+                encoding.add_done_callback(_close_when_encoded)
+                raise
         except InputError as exc:
             raise user_error(exc) from None
         except Exception as exc:  # out of memory while encoding, or a bug: not the user's fault
@@ -162,28 +197,31 @@ class Predictor(BasePredictor):
         if failure is not None:
             raise failure
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
-        return self._generate(stream, start)
-
-    def _generate(self, stream: TextStream, start: float) -> Iterator[str]:
         failure = None
         try:
-            yield from stream
+            async for chunk in stream:
+                yield chunk
         except Exception as exc:  # e.g. CUDA out of memory mid-answer: fail this prediction only
             failure = exc
             stream.finish_reason = "error"  # for the log line below
-        finally:  # also on CancelationException / client disconnect: stop generating now
+        finally:  # also on cancellation / client disconnect: stop generating now
             stream.close()
             self._report(stream, start)
         if failure is not None:
             error, failure = server_failure(failure), None
             raise error
 
-    def _encode(self, paths: list[str], prompt: str, params: SamplingParams) -> TextStream:
+    def _encode(
+        self,
+        paths: list[str],
+        prompt: str,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+    ) -> TextStream:
         images = [load_image(p) for p in paths]
-        return self.pipe.stream(prompt, images, params)
+        return self.pipe.stream(prompt, images, params, loop)
 
-    @staticmethod
-    def _report(stream: TextStream, start: float) -> None:
+    def _report(self, stream: TextStream, start: float) -> None:
         elapsed = time.perf_counter() - start
         ttft = stream.time_to_first_token_s
         scope = current_scope()
@@ -194,7 +232,7 @@ class Predictor(BasePredictor):
         tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0  # this stream's decode speed
         log.info(
             "prompt_tokens=%d output_tokens=%d seed=%d finish=%s ttft=%s total=%.2fs "
-            "decode_tokens/s=%.1f",
+            "decode_tokens/s=%.1f free_cache_slots=%d/%d",
             stream.prompt_token_count,
             n,
             stream.seed,
@@ -202,4 +240,11 @@ class Predictor(BasePredictor):
             "-" if ttft is None else f"{ttft:.3f}s",
             elapsed,
             tps,
+            self.pipe.engine.free_slots,  # all of them once the server is idle: nothing leaks
+            self.pipe.engine.slots,
         )
+
+
+def _close_when_encoded(encoding: asyncio.Future) -> None:
+    if not encoding.cancelled() and encoding.exception() is None:
+        encoding.result().close()

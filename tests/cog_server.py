@@ -37,7 +37,7 @@ PORT_LINE = re.compile(r"Starting coglet server on 127\.0\.0\.1:(\d+)")
 # channel), so a client that sends its next request at once can find all N slots busy: with a
 # sync predictor (1 slot) a strictly sequential client sometimes gets 409, and with N slots a
 # client keeping N in flight does. N must exceed what a client is promised to keep in flight.
-MAX_CONCURRENCY: int | None = None
+MAX_CONCURRENCY: int | None = 32
 
 
 class CogServerError(RuntimeError):
@@ -197,8 +197,12 @@ class CogServer:
 
     def predict_sse(self, **inputs) -> Iterator[tuple[float, str, dict]]:
         """POST with `Accept: text/event-stream`; yield (arrival time, event, data) per event."""
+        return self.sse({"input": inputs})
+
+    def sse(self, body: dict) -> Iterator[tuple[float, str, dict]]:
+        """predict_sse with the whole request body (an "id", say)."""
         headers = {"Accept": "text/event-stream"}
-        with self.post("/predictions", {"input": inputs}, headers, stream=True) as response:
+        with self.post("/predictions", body, headers, stream=True) as response:
             if response.status_code != 200:
                 raise CogServerError(self.explain(response))
             event, data = None, []
@@ -223,8 +227,9 @@ def rss_kib(pid: int) -> int:
 
 def call_predict(predictor, **inputs):
     """predict() called in-process the way the server calls it: every input given, defaults
-    resolved from the Input(...) declarations (an invalid request raises here, before any
-    output); returns the generator of text chunks."""
+    resolved from the Input(...) declarations. The async generator is driven on an event loop
+    of its own up to its first chunk (so an invalid request raises here, before any output, as
+    the server reports it) and is then iterated like a plain iterator; close() cancels it."""
     import inspect
 
     from cog import FieldInfo
@@ -233,7 +238,43 @@ def call_predict(predictor, **inputs):
         name: p.default.default if isinstance(p.default, FieldInfo) else p.default
         for name, p in inspect.signature(predictor.predict).parameters.items()
     }
-    return predictor.predict(**(args | inputs))
+    return _Driven(predictor.predict(**(args | inputs)))
+
+
+class _Driven:
+    _END = object()
+
+    def __init__(self, agen) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._agen = agen
+        self._next = self._step()
+
+    def _step(self):
+        try:
+            return self._loop.run_until_complete(self._agen.__anext__())
+        except StopAsyncIteration:
+            self.close()
+            return self._END
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self._next is self._END:
+            raise StopIteration
+        chunk, self._next = self._next, None
+        self._next = self._step()
+        return chunk
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._agen.aclose())
+            self._loop.close()
 
 
 def write_upload(image) -> Path:

@@ -148,24 +148,39 @@ def test_greedy_answer_equals_the_official_cog_predictor(server, case):
     assert joined(server, response) == record["greedy"]["response"]
 
 
-def test_sse_streams_output_events_before_completed(server, image_url):
-    events = list(
+def story_events(server, image_url) -> list[tuple[float, str, dict]]:
+    return list(
         server.predict_sse(
-            image=image_url, prompt="Tell me a story.", seed=1, max_length_tokens=200
+            image=image_url, prompt="Tell me a story.", seed=1, max_length_tokens=400
         )
     )
+
+
+def test_sse_streams_output_events_then_completed(server, image_url):
+    events = story_events(server, image_url)
     names = [name for _, name, _ in events]
     assert names[0] == "start"
     assert names[-1] == "completed"
-    outputs = [(t, data) for t, name, data in events if name == "output"]
+    outputs = [data for _, name, data in events if name == "output"]
     assert len(outputs) >= 5, names
-    assert [data["index"] for _, data in outputs] == list(range(len(outputs)))
-    completed_at, _, completed = events[-1]
+    assert [data["index"] for data in outputs] == list(range(len(outputs)))
+    completed = events[-1][2]
     assert completed["status"] == "succeeded"
-    assert "".join(d["chunk"] for _, d in outputs) == "".join(completed["output"])
-    assert outputs[0][0] < completed_at  # chunks arrive before the end, not all at once
+    assert "".join(d["chunk"] for d in outputs) == "".join(completed["output"])
     metrics = {data["name"] for _, name, data in events if name == "metric"}
     assert {"input_token_count", "output_token_count", "time_to_first_token"} <= metrics
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="coglet 0.23.1 collects an async predictor's chunks and sends them when the answer "
+    "ends (predict.py); when this passes, coglet streams live: update predict.py and the README",
+)
+def test_sse_output_events_arrive_while_the_answer_is_decoded(server, image_url):
+    events = story_events(server, image_url)
+    started, completed = events[0][0], events[-1][0]
+    first_output = next(t for t, name, _ in events if name == "output")
+    assert first_output - started < 0.5 * (completed - started)
 
 
 def test_metrics_and_the_request_log_line(server, image_url):
@@ -265,14 +280,45 @@ class WebhookReceiver:
         self.httpd.shutdown()
 
 
+# Seed 3: the tiny model answers this prompt in ~1,300 tokens (~2 s on CPU) before its end of
+# sentence, long enough to cancel it mid-answer. coglet 0.23.1 sends an async predictor's output
+# only when it ends (predict.py), so "generating" cannot be seen on the stream or the webhook:
+# the tests give the answer a moment to get going instead.
+LONG_ANSWER = {"prompt": "Count to ten thousand.", "seed": 3, "max_length_tokens": 4096}
+GETTING_GOING_S = 0.5
+
+
+def finish_line(server, prediction_id: str, timeout: float = 5.0) -> str:
+    """The predictor's log line for one prediction (it reaches coglet's log a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.logs().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            fields = record.get("fields", {})
+            if fields.get("prediction_id") == prediction_id and "finish=" in fields["message"]:
+                return fields["message"]
+        assert time.monotonic() < deadline, server.logs()
+        time.sleep(0.05)
+
+
+def assert_every_cache_slot_free(server, image_url, prediction_id: str) -> None:
+    """A short prediction run after the others: its log line shows the engine's free cache
+    slots once it is done, all of them when nothing leaked. (A cancelled prediction's own log
+    line does not always reach coglet's log, so this is how a test sees that it stopped.)"""
+    inputs = {"image": image_url, "prompt": "Hi", "max_length_tokens": 4}
+    response = server.post("/predictions", {"id": prediction_id, "input": inputs})
+    assert response.json()["status"] == "succeeded", server.explain(response)
+    slots = server.max_concurrency
+    assert f"free_cache_slots={slots}/{slots}" in finish_line(server, prediction_id)
+
+
 def test_cancel_an_async_prediction(server, image_url):
-    """PUT with `Prefer: respond-async`, wait for streamed output, cancel: generation stops."""
+    """PUT with `Prefer: respond-async`, cancel mid-answer: generation stops at once."""
     hooks = WebhookReceiver()
     try:
         body = {
             "id": "cancel-me",
-            "input": {"image": image_url, "prompt": "Count to ten thousand.", "seed": 3}
-            | {"max_length_tokens": 4096},
+            "input": {"image": image_url} | LONG_ANSWER,
             "webhook": hooks.url,
             "webhook_events_filter": ["start", "output", "completed"],
         }
@@ -283,39 +329,29 @@ def test_cancel_an_async_prediction(server, image_url):
             timeout=10,
         )
         assert response.status_code == 202, server.explain(response)
-        hooks.wait_for(lambda b: b.get("output"))  # tokens are streaming
+        time.sleep(GETTING_GOING_S)
         cancel = requests.post(server.url + "/predictions/cancel-me/cancel", timeout=10)
         cancelled_at = time.monotonic()
         assert cancel.status_code == 200, server.explain(cancel)
         final = hooks.wait_for(lambda b: b["status"] not in ("starting", "processing"))
         assert final["status"] == "canceled", final
         assert time.monotonic() - cancelled_at < 5
-        assert len("".join(final.get("output") or [])) > 0
     finally:
         hooks.close()
-    line = [ln for ln in server.logs().splitlines() if "finish=cancelled" in ln]
-    assert line, server.explain(cancel)
-    tokens = int(json.loads(line[-1])["fields"]["message"].split("output_tokens=")[1].split()[0])
-    assert tokens < 4096
-    joined(server, server.predict(image=image_url, prompt="Hi", max_length_tokens=4))
+    # The answer would run ~2 s more: every slot free now means its generation stopped.
+    assert_every_cache_slot_free(server, image_url, "after-cancel-me")
 
 
 def test_cancel_while_streaming_and_unknown_ids(server, image_url):
     assert requests.post(server.url + "/predictions/nope/cancel", timeout=5).status_code == 404
-    body = {
-        "id": "sse-cancel",
-        # seed 3: this prompt runs to the length limit (checked by the async test above)
-        "input": {"image": image_url, "prompt": "Count to ten thousand.", "seed": 3}
-        | {"max_length_tokens": 4096},
-    }
+    body = {"id": "sse-cancel", "input": {"image": image_url} | LONG_ANSWER}
     headers = {"Accept": "text/event-stream"}
     with ThreadPoolExecutor(1) as pool:
         with server.post("/predictions", body, headers, stream=True) as response:
             assert response.status_code == 200, server.explain(response)
             lines = response.iter_lines()
-            for line in lines:
-                if line.startswith(b"event: output"):
-                    break
+            next(line for line in lines if line == b"event: start")
+            time.sleep(GETTING_GOING_S)
             cancel = pool.submit(
                 requests.post, server.url + "/predictions/sse-cancel/cancel", timeout=10
             )
@@ -323,6 +359,7 @@ def test_cancel_while_streaming_and_unknown_ids(server, image_url):
     assert cancel.result().status_code == 200
     completed = rest.split(b"event: completed\ndata: ")[1].split(b"\n")[0]
     assert json.loads(completed)["status"] == "canceled"
+    assert_every_cache_slot_free(server, image_url, "after-sse-cancel")
 
 
 def test_missing_weights_fail_setup_with_advice(tmp_path):
@@ -344,3 +381,91 @@ def test_missing_weights_fail_setup_with_advice(tmp_path):
             server.url + "/predictions", json={"input": {"prompt": "x"}}, timeout=10
         )
         assert response.status_code == 503
+
+
+# Eight different requests (prompts, images, answer lengths; greedy and seeded sampling), each
+# answering at least 64 tokens: greedy without a repetition penalty never ends early on the
+# tiny random model, and these seeds sample past 64 tokens.
+CONCURRENT_MIX = [
+    {"image": "img_640x480.png", "prompt": "Describe this image.", "max_length_tokens": 80}
+    | {"temperature": 0, "repetition_penalty": 1},
+    {"image": "img_384x384.png", "prompt": "<|ref|>The giraffe at the back.<|/ref|>"}
+    | SAMPLING
+    | {"seed": 1, "max_length_tokens": 120},
+    {"image": "img_300x1200.png", "prompt": "Describe each stage of this <image> in detail"}
+    | {"temperature": 0, "repetition_penalty": 1, "max_length_tokens": 64},
+    {"image": "img_gray_500x300.png", "prompt": "<|grounding|>Where is the text?"}
+    | SAMPLING
+    | {"seed": 7, "max_length_tokens": 100},
+    {"image": "img_rgba_256.png", "prompt": "What colour is it?", "seed": 11}
+    | {"max_length_tokens": 90},
+    {"image": "img_20x10.png", "prompt": "Tell me a story.", "max_length_tokens": 150}
+    | SAMPLING
+    | {"seed": 5},
+    {"image": "img_640x480.png", "image_2": "img_384x384.png"}
+    | {"prompt": "Compare <image> with <image>.", "temperature": 0, "repetition_penalty": 1}
+    | {"max_length_tokens": 70},
+    {"image": "img_384x384.png", "prompt": "Hi", "seed": 2, "max_length_tokens": 200},
+]
+
+
+def mix_inputs(entry: dict) -> dict:
+    images = {k: data_url(golden_image(v)) for k, v in entry.items() if k.startswith("image")}
+    return entry | images
+
+
+def sse_answer(events: list[tuple[float, str, dict]]) -> tuple[str, dict]:
+    """(the streamed text, the completed event's data)."""
+    text = "".join(data["chunk"] for _, name, data in events if name == "output")
+    return text, events[-1][2]
+
+
+@pytest.fixture(scope="module")
+def solo_answers(server):
+    """Each mix request alone, one after another."""
+    answers = []
+    for entry in CONCURRENT_MIX:
+        body = server.predict(**mix_inputs(entry)).json()
+        assert body["status"] == "succeeded", body
+        assert body["metrics"]["output_token_count"] >= 64, entry
+        answers.append("".join(body["output"]))
+    return answers
+
+
+def test_eight_concurrent_streams_each_equal_their_solo_answer(server, solo_answers):
+    with ThreadPoolExecutor(len(CONCURRENT_MIX)) as pool:
+        runs = list(pool.map(lambda e: list(server.predict_sse(**mix_inputs(e))), CONCURRENT_MIX))
+    for events, solo, entry in zip(runs, solo_answers, CONCURRENT_MIX, strict=True):
+        text, completed = sse_answer(events)
+        assert completed["status"] == "succeeded", completed
+        assert text == solo, entry["prompt"]
+    # They ran at once: every stream started before any finished.
+    assert max(events[0][0] for events in runs) < min(events[-1][0] for events in runs)
+
+
+def test_a_cancelled_and_a_bad_request_fail_alone_among_concurrent_streams(
+    server, image_url, solo_answers
+):
+    """Six mix requests, one long answer cancelled mid-way and one corrupt image, all at once:
+    the six equal their solo answers, the bad one fails with its message, the cancelled one
+    stops at once, and afterwards every cache slot is free again."""
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 64).decode()
+    bodies = [{"input": mix_inputs(e)} for e in CONCURRENT_MIX[:6]]
+    bodies.append({"id": "mix-cancel", "input": {"image": image_url} | LONG_ANSWER})
+    bodies.append({"input": {"image": broken, "prompt": "What is this?"}})
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        runs = [pool.submit(lambda b: list(server.sse(b)), body) for body in bodies]
+        time.sleep(GETTING_GOING_S)
+        cancel = requests.post(server.url + "/predictions/mix-cancel/cancel", timeout=10)
+        assert cancel.status_code == 200, server.explain(cancel)
+        results = [sse_answer(run.result()) for run in runs]
+    for (text, completed), solo in zip(results[:6], solo_answers, strict=False):
+        assert completed["status"] == "succeeded", completed
+        assert text == solo
+    assert results[6][1]["status"] == "canceled", results[6][1]
+    failed = results[7][1]
+    assert failed["status"] == "failed", failed
+    assert "Invalid input: " in failed["error"]
+    assert "image" in failed["error"]
+    # The cancelled answer would still be running: all slots free means it stopped.
+    assert_every_cache_slot_free(server, image_url, "after-mix")

@@ -1,29 +1,31 @@
-"""Soak: 200 sequential requests of every kind to the real Cog server; memory must stay flat.
+"""Soak: 300 concurrent requests of every kind to the real Cog server; memory must stay flat.
 
 The real coglet server runs predict.py on the tiny checkpoint with its own TMPDIR (coglet writes
 each downloaded input there: `cog.types.URLPath.convert` -> our `serving._convert`, and deletes
 it after the prediction). A cycle of valid and invalid requests (images of every kind, distinct
 ~5 MB uploads -- a new one every time, grounding prompts, boundary parameters, broken uploads,
-hostile prompts and paths, schema violations) is sent 200 times in a row with small
-`max_length_tokens`, plus one giant image (8000 x 8000 PNG, 192 MB decoded) once after warm-up.
-Every answer must be the expected one. The worker's resident memory (from /proc) is sampled
-after every request once warm-up is over: no sample may exceed the post-warm-up level by more
-than `MAX_RSS_STEP_MIB` (a step change, even one that never grows again), and the end must be
-within `MAX_RSS_DRIFT` of the start. The temp directory must hold exactly what it held before.
-Run with `-s` to see the figures.
+hostile prompts and paths, schema violations, clients that vanish mid-answer) is sent 300
+times with small `max_length_tokens` by `CLIENTS` concurrent clients, in waves of `WAVE`
+requests, plus one giant image (8000 x 8000 PNG, 192 MB decoded) once after warm-up. Every
+answer must be the expected one. The worker's resident memory (from /proc) is sampled when a
+wave is over and the server is idle: no sample after warm-up may exceed the post-warm-up level
+by more than `MAX_RSS_STEP_MIB` (a step change, even one that never grows again), and the end
+must be within `MAX_RSS_DRIFT` of the start. Afterwards every KV-cache slot of the engine is free
+again and the temp directory holds exactly what it held before. Run with `-s` for the figures.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 from images import encode, gradient, image_url, noise_png, png_declaring
 from PIL import Image, ImageDraw
 
@@ -33,12 +35,16 @@ from paths import tiny_checkpoint
 CHECKPOINT = tiny_checkpoint()
 pytestmark = pytest.mark.skipif(CHECKPOINT is None, reason="tiny checkpoint not found")
 
-REQUESTS = 200
-WARM_UP = 30  # every case has run once by then; RSS is compared from here to the end
+REQUESTS = 300
+CLIENTS = 8  # requests in flight at once
+WAVE = 30  # requests between two idle RSS samples
+WARM_UP = 60  # every case has run twice by then; RSS is compared from here to the end
 GIANT_AT = WARM_UP + 10  # the one-off giant image, after warm-up
 MAX_RSS_STEP_MIB = 64
 MAX_RSS_DRIFT = 0.05
 LARGE_UPLOAD_BYTES = 5_000_000
+GONE = -1  # expected "status" of a request whose client hangs up after VANISH_AFTER_S
+VANISH_AFTER_S = 0.3
 
 
 def data_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
@@ -72,6 +78,8 @@ def cases() -> list[tuple[str, dict | Callable[[], dict], int | None, str | None
     text = "data:text/plain;base64," + base64.b64encode(b"not an image at all").decode()
     short = {"max_length_tokens": 6}
     ok, fail = None, 200
+    # Greedy without a repetition penalty never ends early on the tiny model: ~3,000 tokens.
+    LONG = {"temperature": 0, "repetition_penalty": 1, "max_length_tokens": 4096}
     return [
         ("png", {"image": png, "prompt": "Describe the image."} | short, ok, None),
         (
@@ -137,6 +145,8 @@ def cases() -> list[tuple[str, dict | Callable[[], dict], int | None, str | None
         ),
         ("zero tokens", {"image": png, "prompt": "Hi", "max_length_tokens": 0}, ok, None),
         ("shell", {"image": png, "prompt": "$(rm -rf /) `reboot`"} | short, ok, None),
+        # a client that gives up mid-answer: coglet cancels the prediction
+        ("vanished client", {"image": png, "prompt": "Count to ten thousand."} | LONG, GONE, None),
         # invalid: the prediction fails with a message the user can act on
         (
             "not an image",
@@ -234,6 +244,41 @@ class TempDirWatcher(threading.Thread):
         self.join()
 
 
+def send(server: CogServer, name: str, inputs: dict, status: int | None, fragment: str | None):
+    """One soak request and the check of its answer: "served", "refused" or "vanished"."""
+    if status == GONE:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(
+                server.url + "/predictions", json={"input": inputs}, timeout=(5, VANISH_AFTER_S)
+            )
+        return "vanished"
+    response = server.predict(**inputs)
+    where = f"{name}: {server.explain(response)}"
+    if status is None:
+        body = response.json()
+        assert response.status_code == 200, where
+        assert body["status"] == "succeeded", where
+        n, output = inputs["max_length_tokens"], body["output"]
+        if n == 0:
+            assert output == [], where
+            assert body["metrics"]["output_token_count"] == 0, where
+        else:
+            assert 1 <= body["metrics"]["output_token_count"] <= n, where
+            assert isinstance(output, list), where
+            assert "".join(output), where
+        return "served"
+    if status == 200:
+        body = response.json()
+        assert response.status_code == 200, where
+        assert body["status"] == "failed", where
+        assert "Invalid input: " in body["error"], where
+        assert fragment in body["error"], where
+        return "refused"
+    assert response.status_code == status, where
+    assert fragment in response.json()["detail"][0]["msg"], where
+    return "refused"
+
+
 def test_soak(tmp_path):
     temp_dir = tmp_path / "tmpdir"
     temp_dir.mkdir()
@@ -245,44 +290,38 @@ def test_soak(tmp_path):
         worker = server.worker_pid()
         temp_before = files_under(temp_dir)
         cycle = cases()
-        served = refused_clearly = 0
-        rss: dict[int, int] = {0: server.worker_rss_kib()}  # after request n (KiB)
-        watcher = TempDirWatcher(temp_dir)
-        watcher.start()
-        started = time.monotonic()
+        requests_ = []
         for i in range(REQUESTS):
             name, inputs, status, fragment = cycle[i % len(cycle)]
             if i == GIANT_AT:
                 name, inputs, status = "giant 8000x8000", {"image": giant, "prompt": "Hi"}, None
                 inputs |= {"max_length_tokens": 2}
             inputs = inputs() if callable(inputs) else inputs
-            response = server.predict(**inputs)
-            where = f"request {i} ({name}): {server.explain(response)}"
-            if status is None:
-                body = response.json()
-                assert response.status_code == 200 and body["status"] == "succeeded", where
-                n, output = inputs["max_length_tokens"], body["output"]
-                if n == 0:
-                    assert output == [] and body["metrics"]["output_token_count"] == 0, where
-                else:
-                    assert 1 <= body["metrics"]["output_token_count"] <= n, where
-                    assert isinstance(output, list) and "".join(output), where
-                served += 1
-            elif status == 200:
-                body = response.json()
-                assert response.status_code == 200 and body["status"] == "failed", where
-                assert "Invalid input: " in body["error"] and fragment in body["error"], where
-                refused_clearly += 1
-            else:
-                assert response.status_code == status, where
-                assert fragment in response.json()["detail"][0]["msg"], where
-                refused_clearly += 1
-            if i + 1 >= WARM_UP or (i + 1) % 10 == 0:
-                rss[i + 1] = server.worker_rss_kib()
+            requests_.append((f"request {i} ({name})", inputs, status, fragment))
+        outcomes: list[str] = []
+        rss: dict[int, int] = {0: server.worker_rss_kib()}  # idle, after request n (KiB)
+        watcher = TempDirWatcher(temp_dir)
+        watcher.start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as clients:
+            for first in range(0, REQUESTS, WAVE):
+                wave = requests_[first : first + WAVE]
+                outcomes += clients.map(lambda r: send(server, *r), wave)
+                server.wait_until("READY")  # idle: vanished clients' predictions have ended
+                rss[first + len(wave)] = server.worker_rss_kib()
         elapsed = time.monotonic() - started
         watcher.stop()
         assert server.health()["status"] == "READY"
         assert server.worker_pid() == worker  # the same worker served everything
+        final = server.post(
+            "/predictions",
+            {
+                "id": "last",
+                "input": {"image": data_url(gradient())} | {"prompt": "Hi", "max_length_tokens": 2},
+            },
+        )
+        assert final.json()["status"] == "succeeded", server.explain(final)
+        free = free_cache_slots(server, "last")
         temp_after = files_under(temp_dir)
 
     mib = {n: kib / 1024 for n, kib in rss.items()}
@@ -290,26 +329,41 @@ def test_soak(tmp_path):
     start, end = measured[WARM_UP], measured[REQUESTS]
     highest = max(measured, key=measured.get)
     drift = (end - start) / start
-    after_giant = measured[GIANT_AT + 1]
+    counts = {kind: outcomes.count(kind) for kind in ("served", "refused", "vanished")}
     print(
         f"\nsoak: {REQUESTS} requests ({len(cycle)} kinds, distinct 5 MB uploads, one giant image "
-        f"at request {GIANT_AT}) in {elapsed:.1f} s: {served} predictions served, "
-        f"{refused_clearly} invalid inputs answered clearly (failed prediction or 422), "
-        f"0 unexpected answers\n"
-        f"worker RSS (MiB) after request n: "
-        + ", ".join(f"{n}: {v:.0f}" for n, v in sorted(mib.items()) if n % 10 == 0 or n == 1)
+        f"at request {GIANT_AT}), {CLIENTS} at a time, in {elapsed:.1f} s: {counts['served']} "
+        f"predictions served, {counts['refused']} invalid inputs answered clearly (failed "
+        f"prediction or 422), {counts['vanished']} clients hung up mid-answer, 0 unexpected "
+        f"answers\nworker RSS (MiB) when idle after request n: "
+        + ", ".join(f"{n}: {v:.0f}" for n, v in sorted(mib.items()))
         + f"\nafter warm-up ({WARM_UP} requests) {start:.1f} MiB, end {end:.1f} MiB "
         f"(drift {drift:+.2%}, limit {MAX_RSS_DRIFT:.0%}), highest {measured[highest]:.1f} MiB "
-        f"after request {highest} (step limit +{MAX_RSS_STEP_MIB} MiB), right after the giant "
-        f"image {after_giant:.1f} MiB, median {statistics.median(measured.values()):.1f} MiB\n"
+        f"after request {highest} (step limit +{MAX_RSS_STEP_MIB} MiB)\n"
+        f"KV cache after the soak: {free[0]}/{free[1]} slots free\n"
         f"temp dir {temp_dir}: {len(temp_before)} files before, {len(temp_after)} after "
         f"(new: {sorted(temp_after - temp_before)}); during the soak {len(watcher.seen)} "
         f"distinct upload files were seen there, at most {watcher.most_at_once} at once"
     )
-    assert served + refused_clearly == REQUESTS
+    assert len(outcomes) == REQUESTS
+    assert counts["vanished"] >= REQUESTS // len(cycle)
     steps = {n: round(v - start) for n, v in measured.items() if v - start > MAX_RSS_STEP_MIB}
     assert not steps, f"RSS rose by more than {MAX_RSS_STEP_MIB} MiB after requests {steps}"
     assert abs(drift) <= MAX_RSS_DRIFT, mib
+    assert free[0] == free[1]  # no sequence kept a slot: cancelled ones included
     assert temp_after == temp_before
     assert watcher.seen  # the uploads really went through this directory
-    assert watcher.most_at_once <= 3  # one request at a time, at most three images each
+    assert watcher.most_at_once <= 3 * CLIENTS  # at most three images per request in flight
+
+
+def free_cache_slots(server: CogServer, prediction_id: str) -> tuple[int, int]:
+    """(free, total) KV-cache slots from the predictor's log line for one prediction."""
+    deadline = time.monotonic() + 5
+    while True:
+        for line in server.logs().splitlines():
+            if f'"prediction_id":"{prediction_id}"' in line and "free_cache_slots=" in line:
+                figure = line.split("free_cache_slots=")[1].split('"')[0]
+                free, total = figure.split("/")
+                return int(free), int(total)
+        assert time.monotonic() < deadline, server.logs()
+        time.sleep(0.05)
