@@ -245,7 +245,11 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0] + self.lm.slots * per_slot
             budget = free - ACTIVATION_RESERVE_BYTES
-        slots = self.config.max_batch if budget is None else min(self.config.max_batch, budget // per_slot)
+        slots = (
+            self.config.max_batch
+            if budget is None
+            else min(self.config.max_batch, budget // per_slot)
+        )
         if slots < 1:
             raise EngineError(
                 f"not enough memory for the KV cache of one {self.max_context}-token sequence "
@@ -453,4 +457,3 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for seq in waiting + list(self._active):
             self._finish(seq, "error", error)
-

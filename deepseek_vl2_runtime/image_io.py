@@ -52,6 +52,7 @@ What the returned image looks like:
   be chosen as for the original (see `MAX_SIDE_AFTER_LOAD`).
 """
 
+import contextlib
 import io
 import os
 import stat
@@ -285,10 +286,8 @@ def _load_and_normalise(img: Image.Image) -> Image.Image:
     img.load()  # full decode: raises on truncated data
 
     stored = img.size
-    try:
+    with contextlib.suppress(Exception):  # damaged EXIF: show the pixels as stored, as viewers do
         ImageOps.exif_transpose(img, in_place=True)
-    except Exception:
-        pass  # damaged EXIF: show the pixels as stored, as image viewers do
     if img.size != stored:  # rotated by 90 degrees
         source = source[::-1]
 

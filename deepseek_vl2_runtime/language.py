@@ -165,7 +165,11 @@ class MLAttention(nn.Module):
         # with zeros to the q/k width (its extra output columns are zero) and cut them off.
         v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         out = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, **causal(ctx.start, t, x.device)
+            q,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            scale=self.scale,
+            **causal(ctx.start, t, x.device),
         )[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(1, t, -1))
 
@@ -376,14 +380,16 @@ class MoE(nn.Module):
         Written as gather + einsum so that torch.compile fuses the gather into the GEMV
         reduction: the selected experts' weights are read once, never copied (measured on CPU
         inductor at vl2-small shapes: 9 ms, the memcpy speed, vs 187 ms eager)."""
-        assert self.w13 is not None and self.w2 is not None
+        if self.w13 is None or self.w2 is None:
+            raise RuntimeError("MoE: stack_experts() has not run, so there are no stacked weights")
         gate, up = torch.einsum("nh,nkph->nkp", x, self.w13[ids]).chunk(2, dim=-1)
         return torch.einsum("nkp,nkhp->nkh", F.silu(gate) * up, self.w2[ids])
 
     def _routed_dense(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, k, H]: all experts over all tokens (two batched matmuls), then each
         token's k outputs picked."""
-        assert self.w13 is not None and self.w2 is not None
+        if self.w13 is None or self.w2 is None:
+            raise RuntimeError("MoE: stack_experts() has not run, so there are no stacked weights")
         gate, up = torch.einsum("nh,eph->enp", x, self.w13).chunk(2, dim=-1)
         out = torch.einsum("enp,ehp->neh", F.silu(gate) * up, self.w2)  # [N, E, H]
         return out.gather(1, ids[:, :, None].expand(-1, -1, out.shape[-1]))

@@ -125,7 +125,12 @@ class TextStream(Iterator[str]):
     """
 
     def __init__(
-        self, pipeline: Pipeline, tokens: TokenStream, prompt_ids: list[int], seed: int, started: float
+        self,
+        pipeline: Pipeline,
+        tokens: TokenStream,
+        prompt_ids: list[int],
+        seed: int,
+        started: float,
     ) -> None:
         self.prompt_token_ids = prompt_ids
         self.prompt_token_count = len(prompt_ids)
@@ -274,7 +279,8 @@ class Pipeline:
         self._check_fits(request)
         params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1, seed=0)
         (token,) = self.engine.submit(request, params, keep_logits=True)
-        assert token.logits is not None
+        if token.logits is None:
+            raise RuntimeError("the engine returned no logits for a keep_logits request")
         return token.logits
 
     def generate(
@@ -344,5 +350,6 @@ class Pipeline:
                 room,
             )
         tokens = self.engine.submit(request, params, loop=loop)
-        assert params.seed is not None
+        if params.seed is None:  # with_seed() above always fills it in
+            raise RuntimeError("no seed after SamplingParams.with_seed()")
         return TextStream(self, tokens, request.input_ids.tolist(), params.seed, started)

@@ -66,7 +66,9 @@ class SamplingParams:
 Value = float | torch.Tensor  # one value for every row, or a [B, 1] column (one per row)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Value) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: Value
+) -> torch.Tensor:
     """Every token already in the sequence (`seen`, bool like logits): positive logits / penalty,
     negative * penalty."""
     if isinstance(penalty, float | int) and penalty == 1.0:

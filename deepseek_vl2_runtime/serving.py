@@ -175,7 +175,7 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 
 def _new_upload_file(filename: str):
     # As Cog does: the input's file name as the suffix, in tempfile.gettempdir().
-    return tempfile.NamedTemporaryFile(suffix=filename, delete=False)  # noqa: SIM115
+    return tempfile.NamedTemporaryFile(suffix=filename, delete=False)
 
 
 def _store(fileobj, filename: str):

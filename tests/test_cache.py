@@ -112,19 +112,24 @@ def test_compiled_decode_step_matches_eager() -> None:
     on GPU) gives the same tokens as eager decode, for one request and for two at once.
     Compiling the two buckets takes ~60 s on a 2-core CPU."""
     eager = Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(max_batch=2))
-    compiled = Pipeline.load(MLA_MODEL, device="cpu", compile=True, engine=EngineConfig(max_batch=2))
+    compiled = Pipeline.load(
+        MLA_MODEL, device="cpu", compile=True, engine=EngineConfig(max_batch=2)
+    )
     image = Image.open(golden_image("img_640x480.png")).convert("RGB")
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40, seed=7)
     greedy = SamplingParams(temperature=0, max_new_tokens=30, seed=0)
 
     def run(p: Pipeline) -> list[list[int]]:
         alone = p.generate_ids(p.encode("<image>\nDescribe.", [image]), params)
-        pair = [p.generate(p.encode("<image>\nDescribe.", [image]), params),
-                p.generate(p.encode("Say something.", []), greedy)]
+        pair = [
+            p.generate(p.encode("<image>\nDescribe.", [image]), params),
+            p.generate(p.encode("Say something.", []), greedy),
+        ]
         return [alone] + [[t.id for t in s] for s in pair]
 
     runs = [run(p) for p in (eager, compiled)]
-    assert runs[0] == runs[1] and len(runs[0][0]) > 1
+    assert runs[0] == runs[1]
+    assert len(runs[0][0]) > 1
     assert runs[0][0] == runs[0][1]  # batched equals alone
     for p in (eager, compiled):
         p.close()

@@ -30,7 +30,9 @@ def case(request):
     pipe = Pipeline.load(
         CASES[request.param][0] / "model", device="cpu", engine=EngineConfig(max_batch=16)
     )
-    requests = [pipe.encode(*Golden(request.param, i).request()) for i in golden_inputs(request.param)]
+    requests = [
+        pipe.encode(*Golden(request.param, i).request()) for i in golden_inputs(request.param)
+    ]
     yield request.param, pipe, requests
     pipe.close()
 
@@ -43,7 +45,9 @@ def first_difference(alone: list[Token], batched: list[Token]) -> int | None:
     ids = [t.id for t in alone], [t.id for t in batched]
     if ids[0] == ids[1]:
         return None
-    return next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+    return next(
+        (i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), min(map(len, ids))
+    )
 
 
 def assert_same_as_alone(name: str, alone: list[Token], batched: list[Token]) -> None:
@@ -52,7 +56,10 @@ def assert_same_as_alone(name: str, alone: list[Token], batched: list[Token]) ->
     upto = len(alone) if diverged is None else diverged
     for step in range(upto):
         torch.testing.assert_close(
-            batched[step].logits, alone[step].logits, atol=LOGIT_ATOL, rtol=0,
+            batched[step].logits,
+            alone[step].logits,
+            atol=LOGIT_ATOL,
+            rtol=0,
             msg=f"{name}: logits of step {step}",
         )
     if diverged is not None:
@@ -73,9 +80,15 @@ def test_every_golden_input_batched_equals_alone(case) -> None:
     params = [SamplingParams(max_new_tokens=n, **GREEDY) for n in lengths]
     alone = [run_alone(pipe, r, p) for r, p in zip(requests, params, strict=True)]
     half = len(requests) // 2
-    streams = [pipe.generate(r, p, keep_logits=True) for r, p in zip(requests[:half], params[:half], strict=True)]
+    streams = [
+        pipe.generate(r, p, keep_logits=True)
+        for r, p in zip(requests[:half], params[:half], strict=True)
+    ]
     got = [[next(streams[0])]]  # the first request decodes before the others join
-    streams += [pipe.generate(r, p, keep_logits=True) for r, p in zip(requests[half:], params[half:], strict=True)]
+    streams += [
+        pipe.generate(r, p, keep_logits=True)
+        for r, p in zip(requests[half:], params[half:], strict=True)
+    ]
     got[0] += list(streams[0])
     got += [list(s) for s in streams[1:]]
     for i, input_id in enumerate(golden_inputs(name)):
@@ -104,11 +117,18 @@ def test_mixes_of_sizes_with_staggered_joins(case, concurrent) -> None:
 def test_seeded_sampled_requests_equal_alone(case) -> None:
     """Sampled requests (each its own seed, temperature, top-p, top-k, penalty) beside greedy
     ones: the same tokens alone and batched."""
-    name, pipe, requests = case
+    _, pipe, requests = case
     params = [
-        SamplingParams(temperature=0.4 + 0.1 * i, top_p=min(1.0, 0.8 + 0.02 * i), top_k=(0, 5, 50)[i % 3],
-                       repetition_penalty=1.0 + 0.05 * i, max_new_tokens=20, seed=100 + i)
-        if i % 2 == 0 else SamplingParams(max_new_tokens=12, **GREEDY)
+        SamplingParams(
+            temperature=0.4 + 0.1 * i,
+            top_p=min(1.0, 0.8 + 0.02 * i),
+            top_k=(0, 5, 50)[i % 3],
+            repetition_penalty=1.0 + 0.05 * i,
+            max_new_tokens=20,
+            seed=100 + i,
+        )
+        if i % 2 == 0
+        else SamplingParams(max_new_tokens=12, **GREEDY)
         for i in range(len(requests))
     ]
     alone = [[t.id for t in pipe.generate(r, p)] for r, p in zip(requests, params, strict=True)]
@@ -153,7 +173,8 @@ def test_admission_waits_for_a_free_slot(small) -> None:
             seen_free.append(small.engine.free_slots)
         results.append(ids)
     assert results == alone
-    assert min(seen_free) >= 0 and small.engine.free_slots == 2
+    assert min(seen_free) >= 0
+    assert small.engine.free_slots == 2
 
 
 def test_cancel_frees_the_cache_and_spares_the_others(small) -> None:
@@ -166,7 +187,8 @@ def test_cancel_frees_the_cache_and_spares_the_others(small) -> None:
     victim.cancel()
     assert [t.id for t in bystander] == expected
     list(victim)  # what it emitted before the engine saw the cancel
-    assert victim.finished is not None and victim.finished.reason == "cancelled"
+    assert victim.finished is not None
+    assert victim.finished.reason == "cancelled"
     wait_for(lambda: small.engine.free_slots == 2)
 
 
@@ -206,12 +228,14 @@ def test_a_failing_request_fails_alone(small, monkeypatch) -> None:
     assert streams[0].finished.reason == "error"
     assert [t.id for t in streams[1]] == expected
     assert small.generate_ids(good, params) == expected
-    assert engine.healthy and engine.free_slots == 2
+    assert engine.healthy
+    assert engine.free_slots == 2
 
 
 def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(small, monkeypatch) -> None:
     engine = small.engine
     params = SamplingParams(max_new_tokens=10, **GREEDY)
+
     def out_of_memory(*args):
         raise MemoryError("no room")
 
@@ -220,7 +244,8 @@ def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(small, monk
         with pytest.raises(MemoryError):
             list(small.generate(text_request(small), params))
     assert len(small.generate_ids(text_request(small), params)) == 10
-    assert engine.healthy and engine.free_slots == 2
+    assert engine.healthy
+    assert engine.free_slots == 2
 
 
 def test_a_dead_loop_fails_every_request_and_reports_unhealthy(monkeypatch) -> None:
@@ -244,8 +269,11 @@ def test_cache_is_sized_from_the_budget() -> None:
     one = Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(max_batch=1))
     per_slot = one.model.language.cache_bytes_per_slot()
     one.close()
-    three = Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(cache_bytes=3 * per_slot + 1))
-    assert three.engine.slots == 3 and three.engine.free_slots == 3
+    three = Pipeline.load(
+        MLA_MODEL, device="cpu", engine=EngineConfig(cache_bytes=3 * per_slot + 1)
+    )
+    assert three.engine.slots == 3
+    assert three.engine.free_slots == 3
     three.close()
     with pytest.raises(EngineError, match="not enough memory"):
         Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(cache_bytes=per_slot - 1))

@@ -92,7 +92,8 @@ def test_greedy_applies_the_repetition_penalty(mla_pipeline, image) -> None:
 def test_temperature_zero_ignores_the_seed(mla_pipeline, image) -> None:
     a = _text(mla_pipeline, "Describe.", [image], temperature=0, max_new_tokens=20, seed=1)
     b = _text(mla_pipeline, "Describe.", [image], temperature=0, max_new_tokens=20, seed=2)
-    assert a == b and a
+    assert a == b
+    assert a
 
 
 def test_same_seed_same_text_different_seed_different_text(mla_pipeline, image) -> None:
@@ -117,7 +118,7 @@ def test_generation_leaves_global_rng_alone(mla_pipeline, image) -> None:
 
 
 @pytest.mark.parametrize(
-    "field,value",
+    ("field", "value"),
     [
         ("temperature", -0.1),
         ("top_p", 1.5),
@@ -138,9 +139,9 @@ def test_invalid_parameters_are_named(mla_pipeline, field, value) -> None:
 
 def test_zero_new_tokens_gives_an_empty_answer(mla_pipeline) -> None:
     stream = mla_pipeline.stream("hi", [], SamplingParams(max_new_tokens=0))
-    assert (
-        list(stream) == [] and stream.finish_reason == "length" and stream.output_token_count == 0
-    )
+    assert list(stream) == []
+    assert stream.finish_reason == "length"
+    assert stream.output_token_count == 0
 
 
 def test_max_new_tokens_counts_new_tokens(mla_pipeline) -> None:
@@ -148,7 +149,8 @@ def test_max_new_tokens_counts_new_tokens(mla_pipeline) -> None:
         "Hello, who are you?", [], SamplingParams(temperature=0, max_new_tokens=7)
     )
     list(stream)
-    assert stream.output_token_count == 7 and stream.finish_reason == "length"
+    assert stream.output_token_count == 7
+    assert stream.finish_reason == "length"
 
 
 @pytest.fixture(scope="module")
@@ -164,16 +166,16 @@ def test_generation_stops_at_the_context_end(short_context, caplog) -> None:
         list(stream)
     assert stream.prompt_token_count + stream.output_token_count == 64
     assert stream.finish_reason == "context"
-    assert "context" in caplog.text and "64" in caplog.text
+    assert "context" in caplog.text
+    assert "64" in caplog.text
 
 
 def test_prompt_that_does_not_fit_gives_both_numbers(short_context, image) -> None:
     n = short_context.encode("<image>\nDescribe.", [image]).num_tokens
     with pytest.raises(InputError) as e:
         short_context.stream("Describe.", [image], SamplingParams())
-    assert f"{n} tokens (421 of them for images)" in str(e.value) and "context is 64 tokens" in str(
-        e.value
-    )
+    assert f"{n} tokens (421 of them for images)" in str(e.value)
+    assert "context is 64 tokens" in str(e.value)
 
 
 # -- streamed text -------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_stream_concatenation_is_the_stripped_decode(mla_pipeline, image) -> Non
 def test_eos_stops_and_is_not_shown_nothing_else_removed(mla_pipeline) -> None:
     tok = mla_pipeline.tokenizer
     answer = " <|ref|>cat<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|> User: keep me \n"
-    ids = tok.encode(answer) + [tok.eos_id] + tok.encode("never shown")
+    ids = [*tok.encode(answer), tok.eos_id, *tok.encode("never shown")]
     text = "".join(answer_chunks(tok, ids, tok.eos_id))
     assert text == answer.strip()
 

@@ -35,7 +35,8 @@ def image():
 
 def test_bf16_on_cuda_stays_close_to_float32(mla_pipeline, image) -> None:
     gpu = Pipeline.load(MLA_MODEL)  # defaults: cuda, bfloat16
-    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    assert gpu.device.type == "cuda"
+    assert gpu.dtype == torch.bfloat16
     ref = mla_pipeline.prefill_logits(mla_pipeline.encode(PROMPT, [image]))
     got = gpu.prefill_logits(gpu.encode(PROMPT, [image])).cpu()
     assert (got - ref).abs().max().item() < 0.25

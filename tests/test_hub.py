@@ -51,7 +51,7 @@ def test_env_var_wins_over_local_weights(tmp_path, fake_download):
 
 def test_env_var_that_is_not_a_directory_is_a_clear_error(tmp_path, fake_download):
     missing = tmp_path / "nope"
-    with pytest.raises(CheckpointError, match="DEEPSEEK_VL2_WEIGHTS=.*nope.*is not a directory"):
+    with pytest.raises(CheckpointError, match=r"DEEPSEEK_VL2_WEIGHTS=.*nope.*is not a directory"):
         hub.resolve_weights(tmp_path / "weights", env={"DEEPSEEK_VL2_WEIGHTS": str(missing)})
     assert fake_download == []
 
@@ -119,7 +119,8 @@ def test_incomplete_snapshot_names_the_files_and_the_fix(tmp_path):
     with pytest.raises(CheckpointError) as info:
         hub.resolve_verified_weights(env={"DEEPSEEK_VL2_WEIGHTS": str(empty)})
     message = str(info.value)
-    assert "config.json" in message and "DEEPSEEK_VL2_WEIGHTS" in message
+    assert "config.json" in message
+    assert "DEEPSEEK_VL2_WEIGHTS" in message
     assert "make weights" in message
 
 
@@ -155,9 +156,11 @@ def test_failed_download_reads_as_one_reason_without_machinery(tmp_path, monkeyp
         f" into {tmp_path / 'weights'}: the Hugging Face Hub at http://127.0.0.1:9 could not be "
         "reached ([Errno 111] Connection refused)."
     )
-    assert "DEEPSEEK_VL2_WEIGHTS" in advice and "./weights" in advice
+    assert "DEEPSEEK_VL2_WEIGHTS" in advice
+    assert "./weights" in advice
     assert not re.search(r"[A-Za-z]+(Error|Exception)\b", shown), shown
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
 
 
 def test_offline_mode_is_named_as_the_reason(tmp_path, monkeypatch, offline):
@@ -176,7 +179,8 @@ def test_cli_prints_a_short_message_with_every_way_forward(
     monkeypatch.chdir(tmp_path)
     assert hub.main(["--dest", "weights"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.splitlines()) <= 6, err
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) <= 6, err
     assert err.startswith("error: Could not download the weights")
     assert "could not be reached" in err
     for way in (

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import CASES, Golden, golden_inputs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -28,6 +27,7 @@ from deepseek_vl2_runtime.sampling import (
     process_logits,
 )
 
+from golden import CASES, Golden, golden_inputs
 from paths import SHARED_GOLDEN
 
 EMBED_ATOL, LOGIT_ATOL, PROB_ATOL = 1e-4, 1e-3, 1e-4
@@ -52,7 +52,7 @@ def pipelines():
     return get
 
 
-@pytest.mark.parametrize("case,input_id", PARAMS)
+@pytest.mark.parametrize(("case", "input_id"), PARAMS)
 def test_golden_parity(pipelines, case: str, input_id: str) -> None:
     g = Golden(case, input_id)
     pipe = pipelines(case)
@@ -97,7 +97,7 @@ def _seen(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return seen
 
 
-@pytest.mark.parametrize("case,input_id", PARAMS)
+@pytest.mark.parametrize(("case", "input_id"), PARAMS)
 def test_sampling_stages_match_official(case: str, input_id: str) -> None:
     """Each stage of our sampler on the official raw logits reproduces the official tensors."""
     g = Golden(case, input_id)

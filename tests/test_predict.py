@@ -38,7 +38,8 @@ def test_answer_matches_the_runtime(predictor, image_path):
         predictor, image=image_path, prompt="Describe this.", seed=42, max_length_tokens=64
     )
     chunks = list(out)
-    assert chunks and all(isinstance(c, str) for c in chunks)
+    assert chunks
+    assert all(isinstance(c, str) for c in chunks)
     params = SamplingParams(
         temperature=0.1, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=64, seed=42
     )
@@ -69,7 +70,9 @@ def test_three_images_and_the_per_request_log_line(predictor, image_path, caplog
     list(out)
     lines = [r.getMessage() for r in caplog.records if r.name == "deepseek_vl2_runtime.cog"]
     assert len(lines) == 1
-    assert "output_tokens=" in lines[0] and "seed=" in lines[0] and "finish=" in lines[0]
+    assert "output_tokens=" in lines[0]
+    assert "seed=" in lines[0]
+    assert "finish=" in lines[0]
     prompt_tokens = int(lines[0].split("prompt_tokens=")[1].split()[0])
     one_image = predict(predictor, image=image_path, prompt="Compare", max_length_tokens=1)
     list(one_image)
@@ -101,4 +104,5 @@ def test_closing_early_stops_generation(predictor, image_path, caplog):
     out.close()  # what the server does on cancel / disconnect
     line = [r.getMessage() for r in caplog.records if r.name == "deepseek_vl2_runtime.cog"][-1]
     tokens = int(line.split("output_tokens=")[1].split()[0])
-    assert tokens < 4000 and "finish=cancelled" in line
+    assert tokens < 4000
+    assert "finish=cancelled" in line

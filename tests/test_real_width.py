@@ -144,7 +144,8 @@ def image():
 
 def test_snapshot_has_the_hub_layout(snapshot):
     names = sorted(p.name for p in snapshot.iterdir())
-    assert "model.safetensors.index.json" in names and "tokenizer.json" in names
+    assert "model.safetensors.index.json" in names
+    assert "tokenizer.json" in names
     assert [n for n in names if n.endswith(".safetensors")] == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -156,16 +157,19 @@ def test_real_shapes_after_the_strict_load(pipe):
     m = pipe.model
     lm = m.language
     attn, moe = lm.model.layers[0].self_attn, lm.model.layers[1].mlp
-    assert isinstance(moe, MoE) and not isinstance(lm.model.layers[0].mlp, MoE)
+    assert isinstance(moe, MoE)
+    assert not isinstance(lm.model.layers[0].mlp, MoE)
     assert lm.model.layers[0].mlp.gate_proj.weight.shape == (10944, 2048)
     assert attn.q_proj.weight.shape == (16 * 192, 2048)
     assert attn.kv_a_proj_with_mqa.weight.shape == (512 + 64, 2048)
     assert attn.kv_b_proj.weight.shape == (16 * 256, 512)
     assert attn.o_proj.weight.shape == (2048, 16 * 128)
     assert attn.cache.shape[1:] == (4096 + 1, 512 + 64)
-    assert moe.w13.shape == (64, 2 * 1408, 2048) and moe.w2.shape == (64, 2048, 1408)
+    assert moe.w13.shape == (64, 2 * 1408, 2048)
+    assert moe.w2.shape == (64, 2048, 1408)
     assert moe.shared_experts.gate_proj.weight.shape == (2 * 1408, 2048)
-    assert moe.gate.weight.shape == (64, 2048) and moe.gate.top_k == 6
+    assert moe.gate.weight.shape == (64, 2048)
+    assert moe.gate.top_k == 6
     assert lm.lm_head.weight.shape == lm.model.embed_tokens.weight.shape == (102400, 2048)
     assert m.vision.blocks[1].attn.qkv.weight.shape == (3 * 1152, 1152)
     assert m.vision.blocks[1].mlp.fc1.weight.shape == (4304, 1152)
@@ -211,8 +215,10 @@ def test_image_request_end_to_end(pipe, image):
     request = pipe.encode(PROMPT, [image])
     assert request.num_image_tokens == 14 * 15 + 1 + 14 * 15  # global, separator, 1 local
     embeds = embeds_of(pipe, PROMPT, [image])
-    assert embeds.shape == (1, request.num_tokens, 2048) and embeds.dtype == pipe.dtype
+    assert embeds.shape == (1, request.num_tokens, 2048)
+    assert embeds.dtype == pipe.dtype
     assert torch.isfinite(embeds).all()
     params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=2, seed=0)
     ids = pipe.generate_ids(request, params)
-    assert 1 <= len(ids) <= 2 and all(0 <= i < 102400 for i in ids)
+    assert 1 <= len(ids) <= 2
+    assert all(0 <= i < 102400 for i in ids)

@@ -36,6 +36,14 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from PIL import Image, ImageOps
+
+from deepseek_vl2_runtime.errors import CheckpointError, InputError
+from deepseek_vl2_runtime.pipeline import Pipeline
+from deepseek_vl2_runtime.sampling import SamplingParams
+
+import cog_server
+from cog_server import CogServer, call_predict, write_upload
 from images import (
     data_url,
     encode,
@@ -46,14 +54,6 @@ from images import (
     png_url,
     red_square_on,
 )
-from PIL import Image, ImageOps
-
-from deepseek_vl2_runtime.errors import CheckpointError, InputError
-from deepseek_vl2_runtime.pipeline import Pipeline
-from deepseek_vl2_runtime.sampling import SamplingParams
-
-import cog_server
-from cog_server import CogServer, call_predict, write_upload
 from paths import REPO_ROOT, tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
@@ -97,7 +97,7 @@ class ImageHost:
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802 (http.server API)
+            def do_GET(self):  # the name http.server calls
                 if self.path == "/image.png":
                     body = encode(gradient())
                     self.send_response(200)
@@ -187,7 +187,8 @@ def image_url() -> str:
 
 def succeeded(server: CogServer, response: requests.Response) -> dict:
     body = response.json()
-    assert response.status_code == 200 and body["status"] == "succeeded", server.explain(response)
+    assert response.status_code == 200, server.explain(response)
+    assert body["status"] == "succeeded", server.explain(response)
     return body
 
 
@@ -210,7 +211,8 @@ def failed(server: CogServer, response: requests.Response, *fragments: str) -> s
     and whose own part (after coglet's prefix) carries no machinery: no Python class name, no
     traceback, no second "Prediction failed", no errno."""
     body = response.json()
-    assert response.status_code == 200 and body["status"] == "failed", server.explain(response)
+    assert response.status_code == 200, server.explain(response)
+    assert body["status"] == "failed", server.explain(response)
     assert not body.get("output"), body
     error = body["error"]
     ours = our_part(error)
@@ -388,7 +390,8 @@ def test_very_large_photo_is_downscaled_quickly(server, size):
 def test_one_pixel_image(server):
     dot = png_url(Image.new("RGB", (1, 1), (9, 9, 9)))
     body = succeeded(server, server.predict(image=dot, prompt="Hi", max_length_tokens=8))
-    assert body["output"] and body["metrics"]["output_token_count"] >= 1
+    assert body["output"]
+    assert body["metrics"]["output_token_count"] >= 1
 
 
 # -- prompts --------------------------------------------------------------------------------
@@ -471,14 +474,16 @@ def test_every_boundary_value_is_served(server, image_url, inputs):
     body = succeeded(
         server, server.predict(image=image_url, prompt="Hi", max_length_tokens=8, **inputs)
     )
-    assert body["output"] and 1 <= body["metrics"]["output_token_count"] <= 8
+    assert body["output"]
+    assert 1 <= body["metrics"]["output_token_count"] <= 8
     if "seed" in inputs:
         assert f"seed={int(inputs['seed'])} " in body["logs"]
 
 
 def test_max_length_tokens_bounds(server, image_url):
     body = succeeded(server, server.predict(image=image_url, prompt="Hi", max_length_tokens=0))
-    assert body["output"] == [] and body["metrics"]["output_token_count"] == 0
+    assert body["output"] == []
+    assert body["metrics"]["output_token_count"] == 0
     # 4096 (and 4096.0): accepted; the answer is cut where the 4096-token context ends. A long
     # prompt (~3,600 tokens) leaves little room, so this stays fast on CPU.
     for value in (4096, 4096.0):
@@ -489,7 +494,8 @@ def test_max_length_tokens_bounds(server, image_url):
         if "finish=context" in body["logs"]:
             assert used == 4096
         else:
-            assert "finish=eos" in body["logs"] and used <= 4096
+            assert "finish=eos" in body["logs"]
+            assert used <= 4096
 
 
 @pytest.mark.parametrize(
@@ -515,7 +521,8 @@ def test_out_of_range_values_are_refused_clearly(server, image_url, inputs, mess
     response = server.predict(image=image_url, prompt="Hi", **({"max_length_tokens": 8} | inputs))
     if response.status_code == 422:  # refused by Cog's schema validation
         (detail,) = response.json()["detail"]
-        assert detail["loc"] == ["body", "input", *inputs] and message in detail["msg"]
+        assert detail["loc"] == ["body", "input", *inputs]
+        assert message in detail["msg"]
     else:
         failed(server, response, message)
     still_serving(server, image_url)
@@ -595,7 +602,8 @@ def test_busy_server_answers_409_and_a_cancel_frees_the_slot(one_slot_server, im
         assert other.status_code == 409
         # The uploads coglet materialised for the running predictions are in the server's TMPDIR.
         running = uploads_in(server_tmp) - before
-        assert len(running) == slots and all(name.startswith("tmp") for name in running)
+        assert len(running) == slots
+        assert all(name.startswith("tmp") for name in running)
 
         cancel = requests.post(server.url + "/predictions/long-0/cancel", timeout=10)
         cancelled_at = time.monotonic()
@@ -650,7 +658,8 @@ def test_client_disconnect_cancels_and_the_next_prediction_succeeds(server, imag
         )
     started = time.monotonic()
     body = succeeded(server, server.predict(image=image_url, prompt="Hi", max_length_tokens=4))
-    assert body["output"] and time.monotonic() - started < 10
+    assert body["output"]
+    assert time.monotonic() - started < 10
     assert cancelled() == before + 1  # generation was stopped, not left running
 
 
@@ -813,7 +822,8 @@ def test_readme_curl_example_works_for_a_5_mb_photo(server, tmp_path):
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout)
     assert body["status"] == "succeeded", body
-    assert isinstance(body["output"], list) and "".join(body["output"])
+    assert isinstance(body["output"], list)
+    assert "".join(body["output"])
 
 
 # -- URL inputs: fetched by our code (serving.download), public addresses only ---------------
@@ -873,7 +883,8 @@ def test_allowed_host_is_fetched_and_its_image_read(server, image_host, image_ur
 
 def test_redirect_to_an_internal_host_is_not_followed(server, image_host):
     error = failed(server, server.predict(image=image_host.url("/to-internal"), prompt="Hi"))
-    assert NOT_PUBLIC in error and image_host.internal_connections == 0
+    assert NOT_PUBLIC in error
+    assert image_host.internal_connections == 0
 
 
 @pytest.mark.parametrize("path", ["/huge-declared", "/huge-streamed"])
@@ -983,7 +994,7 @@ def test_upload_path_accepts_only_the_files_the_server_wrote(tmp_path, upload, m
     opened = []
     monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a) or 1 / 0)
     for value in refused:
-        with pytest.raises(InputError, match="^image_2: .* is not an uploaded file") as info:
+        with pytest.raises(InputError, match=r"^image_2: .* is not an uploaded file") as info:
             upload_path(value, "image_2")
         assert type(info.value).__qualname__ == "Invalid input"
     assert not opened
@@ -1186,10 +1197,9 @@ def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypa
     stream = predict(
         predictor, image=upload, prompt="Tell a story.", max_length_tokens=64, seed=1, top_k=1
     )
-    chunks = []
+    chunks: list[str] = []
     with pytest.raises(PredictionError) as info:
-        for chunk in stream:
-            chunks.append(chunk)
+        chunks.extend(stream)  # the chunks streamed before the failure stay in `chunks`
     message = str(info.value)
     if isinstance(fault(), MemoryError | torch.OutOfMemoryError):
         where = "GPU" if isinstance(fault(), torch.OutOfMemoryError) else "server"
@@ -1205,11 +1215,13 @@ def test_fault_mid_stream_fails_only_that_prediction(predictor, upload, monkeypa
         )
         assert "RuntimeError: expert index out of range" in caplog.text
     assert type(info.value).__qualname__ == "Server error"
-    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
     assert 1 <= len(chunks) <= 5
     assert held[0]() is None, "the failed prediction's tensors are still referenced"
     assert emptied == [True]
-    assert "finish=error" in caplog.text and "prediction failed: " in caplog.text
+    assert "finish=error" in caplog.text
+    assert "prediction failed: " in caplog.text
 
     monkeypatch.undo()
     again = "".join(predict(predictor, image=upload, prompt="Tell a story.", max_length_tokens=8))
@@ -1224,7 +1236,7 @@ def test_fault_before_the_first_token(predictor, upload, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(predictor.pipe, "stream", stream)
-    with pytest.raises(PredictionError, match="^The GPU ran out of memory while answering"):
+    with pytest.raises(PredictionError, match=r"^The GPU ran out of memory while answering"):
         list(predict(predictor, image=upload, prompt="Hi"))
     monkeypatch.undo()
     assert "".join(predict(predictor, image=upload, prompt="Hi", max_length_tokens=4))
@@ -1293,7 +1305,7 @@ def test_user_errors_keep_their_message(predictor, upload):
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     # torch._dynamo (imported lazily by the first model build) subclasses pickle.Unpickler at
     # import time: import it before pickle is patched, so the test does not depend on order.
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
 
     def forbidden(*args, **kwargs):
         raise AssertionError("pickle-based loading was attempted")
@@ -1315,7 +1327,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     (only_pickle / "model.safetensors").unlink()
     (only_pickle / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "loaded"}))
     with pytest.raises(
-        CheckpointError, match="no model.safetensors or .* pickle files, which are never loaded"
+        CheckpointError, match=r"no model\.safetensors or .* pickle files, which are never loaded"
     ):
         Pipeline.load(only_pickle, device="cpu", dtype=torch.float32)
 
@@ -1412,7 +1424,8 @@ def test_exif_rotated_large_photo_records_its_upright_size(mla_pipeline):
     exif[0x0112] = 6
     photo = encode(Image.new("RGB", (6000, 4000), (90, 140, 200)), "JPEG", quality=50, exif=exif)
     image = load_image(photo)
-    assert image.size == (2731, 4096) and image.info[SOURCE_SIZE] == (4000, 6000)
+    assert image.size == (2731, 4096)
+    assert image.info[SOURCE_SIZE] == (4000, 6000)
     assert mla_pipeline.encode("<image>", [image]).images.crops == ((2, 3),)  # as 4000x6000
     assert SOURCE_SIZE not in load_image(encode(gradient())).info  # not downscaled
 
@@ -1474,15 +1487,18 @@ def test_cli_refuses_bad_arguments_before_loading(
     monkeypatch.chdir(REPO_ROOT)
     code = no_model_load.main(["generate", "--weights", str(CHECKPOINT), "--prompt", "Hi", *args])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(message), err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert code == 2, err
+    assert err.startswith(message), err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err
     assert "on the server" not in err
 
 
 def test_cli_missing_weights_dir_points_at_the_tiny_checkpoint(no_model_load, capsys, tmp_path):
     code = no_model_load.main(["generate", "--weights", str(tmp_path / "w"), "--prompt", "Hi"])
     err = capsys.readouterr().err
-    assert code == 2 and f"--weights {tmp_path / 'w'}: not a directory" in err
+    assert code == 2
+    assert f"--weights {tmp_path / 'w'}: not a directory" in err
     assert "--weights tests/data/golden/cases/mla/model" in err
 
 
