@@ -36,12 +36,14 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, bos: str, eos: str) -> None:
         self.backend = backend
         self.bos_token, self.eos_token = bos, eos
-        missing = [t for t in (bos, eos, *REQUIRED_SPECIAL) if backend.token_to_id(t) is None]
+        found = {t: backend.token_to_id(t) for t in (bos, eos, *REQUIRED_SPECIAL)}
+        missing = [t for t in (bos, eos, *REQUIRED_SPECIAL) if found[t] is None]
         if missing:
             raise CheckpointError(f"tokenizer.json: special token(s) missing: {missing}")
-        self.bos_id, self.eos_id = backend.token_to_id(bos), backend.token_to_id(eos)
-        self.image_id = backend.token_to_id(IMAGE_TAG)
-        self.special_ids = {t: backend.token_to_id(t) for t in REQUIRED_SPECIAL}
+        ids = {t: i for t, i in found.items() if i is not None}
+        self.bos_id, self.eos_id = ids[bos], ids[eos]
+        self.image_id = ids[IMAGE_TAG]
+        self.special_ids = {t: ids[t] for t in REQUIRED_SPECIAL}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -52,7 +54,7 @@ class Tokenizer:
             raise CheckpointError(
                 f"{path / 'tokenizer.json'}: cannot load tokenizer ({e})"
             ) from None
-        names = {}
+        names: dict[str, str | None] = {}
         for fname in ("tokenizer_config.json", "special_tokens_map.json"):
             f = path / fname
             if f.exists():
@@ -62,9 +64,10 @@ class Tokenizer:
                     raise CheckpointError(f"{f}: not valid JSON ({e})") from None
                 for key in ("bos_token", "eos_token"):
                     names.setdefault(key, _token_content(data.get(key)))
-        if not names.get("bos_token") or not names.get("eos_token"):
+        bos, eos = names.get("bos_token"), names.get("eos_token")
+        if not bos or not eos:
             raise CheckpointError(f"{path}: tokenizer_config.json names no bos_token/eos_token")
-        return cls(backend, names["bos_token"], names["eos_token"])
+        return cls(backend, bos, eos)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` without BOS/EOS; special tokens inside the text are recognised."""

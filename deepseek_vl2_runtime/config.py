@@ -60,6 +60,14 @@ def _build(cls: type, section: str, raw: dict[str, Any], **overrides: Any) -> An
     return cls(**kwargs)
 
 
+def required(key: str, value: int | None) -> int:
+    """`value` of the language_config key `key`, which the module being built needs (e.g.
+    kv_lora_rank for MLA, num_experts_per_tok for MoE): a checkpoint without it is refused."""
+    if value is None:
+        raise CheckpointError(f"config.json language_config: {key} is required by this model")
+    return value
+
+
 def _require(section: str, key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise CheckpointError(
@@ -178,7 +186,7 @@ class LanguageConfig:
                     f"got {self.scoring_func!r}"
                 )
             groups = self.n_group or 1
-            if self.n_routed_experts % groups:
+            if required("n_routed_experts", self.n_routed_experts) % groups:
                 raise CheckpointError(
                     f"config.json {s}: n_routed_experts={self.n_routed_experts} not divisible by "
                     f"n_group={self.n_group}"

@@ -103,7 +103,7 @@ class TokenStream:
         self, wake: threading.Condition, loop: asyncio.AbstractEventLoop | None = None
     ) -> None:
         self._loop = loop
-        self._items: queue.SimpleQueue | asyncio.Queue
+        self._items: queue.SimpleQueue[Token | Finished] | asyncio.Queue[Token | Finished]
         self._items = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self.cancelled = False
         self.finished: Finished | None = None
@@ -140,6 +140,8 @@ class TokenStream:
     def __next__(self) -> Token:
         if self.finished is not None:
             raise StopIteration
+        if isinstance(self._items, asyncio.Queue):
+            raise TypeError("a TokenStream created with an event loop is read with `async for`")
         return self._end(self._items.get())
 
     def __aiter__(self) -> AsyncIterator[Token]:
@@ -148,6 +150,8 @@ class TokenStream:
     async def __anext__(self) -> Token:
         if self.finished is not None:
             raise StopAsyncIteration
+        if not isinstance(self._items, asyncio.Queue):
+            raise TypeError("a TokenStream created without an event loop is read with `for`")
         try:
             return self._end(await self._items.get())
         except StopIteration:
@@ -297,6 +301,8 @@ class Engine:
         if room <= 0:
             raise ValueError(f"a prompt of {request.num_tokens} tokens leaves no room")
         budget = min(params.max_new_tokens, room)
+        if params.seed is None:
+            raise ValueError("submit() needs params that carry a seed (SamplingParams.with_seed())")
         seq = _Sequence(
             request=request,
             params=params,

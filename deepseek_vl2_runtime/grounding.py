@@ -137,9 +137,10 @@ def _parse_boxes(body: str) -> tuple[Box, ...]:
     boxes = []
     for group in _INNER_BRACKETS.findall(body):
         values = [_coord(item) for item in group.split(",")]
-        if len(values) != 4 or None in values:
+        coords = [v for v in values if v is not None]
+        if len(values) != 4 or len(coords) != 4:
             continue
-        x1, y1, x2, y2 = values
+        x1, y1, x2, y2 = coords
         boxes.append(Box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
     return tuple(boxes)
 

@@ -49,7 +49,7 @@ class WeightsUnavailableError(CheckpointError):
     __qualname__ = "Weights unavailable"
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def _chain(exc: BaseException | None) -> list[BaseException]:
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
         seen.append(exc)

@@ -31,7 +31,8 @@ class TilingConfig:
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
-        return tuple(int(m * 255) for m in self.image_mean)
+        r, g, b = (int(m * 255) for m in self.image_mean)
+        return r, g, b
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,14 @@ mapped into latent space, values read straight from the latent), prefill the dec
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LanguageConfig
+from .config import LanguageConfig, required
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
         h, nh = cfg.hidden_size, cfg.num_attention_heads
-        self.n_heads, self.rank = nh, cfg.kv_lora_rank
+        self.n_heads, self.rank = nh, required("kv_lora_rank", cfg.kv_lora_rank)
         self.nope, self.rope, self.v_dim = (
             cfg.qk_nope_head_dim,
             cfg.qk_rope_head_dim,
@@ -278,11 +279,12 @@ class MoEGate(nn.Module):
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        n_experts = required("n_routed_experts", cfg.n_routed_experts)
+        self.weight = nn.Parameter(torch.empty(n_experts, cfg.hidden_size))
         if cfg.topk_method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
+            self.e_score_correction_bias = nn.Parameter(torch.empty(n_experts))
         self.top_k, self.method, self.scoring = (
-            cfg.num_experts_per_tok,
+            required("num_experts_per_tok", cfg.num_experts_per_tok),
             cfg.topk_method,
             cfg.scoring_func,
         )
@@ -337,8 +339,9 @@ class MoE(nn.Module):
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
         self.gate = MoEGate(cfg)
+        n_experts = required("n_routed_experts", cfg.n_routed_experts)
         self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(n_experts)
         )
         if cfg.n_shared_experts:
             self.shared_experts = MLP(
@@ -349,12 +352,11 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def stack_experts(self) -> None:
-        mi = self.experts[0].gate_proj.weight.shape[0]
-        self.w13 = torch.stack(
-            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]
-        )
-        self.w2 = torch.stack([e.down_proj.weight for e in self.experts])
-        for i, e in enumerate(self.experts):
+        experts = cast("Sequence[MLP]", self.experts)  # an nn.ModuleList types its items Module
+        mi = experts[0].gate_proj.weight.shape[0]
+        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+        self.w2 = torch.stack([e.down_proj.weight for e in experts])
+        for i, e in enumerate(experts):
             e.gate_proj.weight = nn.Parameter(self.w13[i, :mi], requires_grad=False)
             e.up_proj.weight = nn.Parameter(self.w13[i, mi:], requires_grad=False)
             e.down_proj.weight = nn.Parameter(self.w2[i], requires_grad=False)
@@ -469,11 +471,14 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.cos, self.sin = rope_tables(
             self.config.rope_dim, self.config.rope_theta, max_seq + 1, p.device, p.dtype
         )
-        for layer in self.model.layers:
+        for layer in self._layers():
             layer.self_attn.setup_cache(slots, max_seq + 1, p.device, p.dtype)
 
     def cache_bytes_per_slot(self) -> int:
-        return sum(layer.self_attn.cache.nbytes for layer in self.model.layers) // self.slots
+        return sum(layer.self_attn.cache.nbytes for layer in self._layers()) // self.slots
+
+    def _layers(self) -> Iterable[DecoderLayer]:
+        return cast("Iterable[DecoderLayer]", self.model.layers)  # nn.ModuleList types them Module
 
     def _run(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         for layer in self.model.layers:

@@ -62,6 +62,8 @@ class DeepseekVL2(nn.Module):
         """input_ids/image_mask [T] -> inputs_embeds [1, T, H]."""
         embeds = self.language.model.embed_tokens(input_ids)
         if crops:
+            if pixels is None:
+                raise ValueError(f"{len(crops)} image crops but no pixels")
             feats = self.image_features(pixels, crops)
             n_slots = int(image_mask.sum())
             if feats.shape[0] != n_slots:

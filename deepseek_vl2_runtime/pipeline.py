@@ -19,6 +19,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -55,7 +56,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def numerically_safe(params: SamplingParams) -> SamplingParams:
     """`params` with a temperature under MIN_TEMPERATURE made greedy (0) and a repetition
     penalty under MIN_REPETITION_PENALTY raised to it (see their comment)."""
-    changes: dict[str, float] = {}
+    changes: dict[str, Any] = {}  # SamplingParams fields
     if 0 < params.temperature < MIN_TEMPERATURE:
         changes["temperature"] = 0.0
     if 0 < params.repetition_penalty < MIN_REPETITION_PENALTY:

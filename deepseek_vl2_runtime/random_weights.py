@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import VL2Config
+from .config import VL2Config, required
 from .model import DeepseekVL2
 from .weights import INDEX_FILE, SINGLE_FILE, prepare_for_inference
 
@@ -127,7 +127,11 @@ def estimate_bytes(model: DeepseekVL2, dtype: torch.dtype) -> int:
     activations (a 4096-token prefill)."""
     lc = model.config.language_config
     weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    per_pos = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.hidden_size
+    per_pos = (
+        required("kv_lora_rank", lc.kv_lora_rank) + lc.qk_rope_head_dim
+        if lc.use_mla
+        else 2 * lc.hidden_size
+    )
     cache = lc.num_hidden_layers * lc.max_position_embeddings * (per_pos + 2 * lc.rope_dim)
     stacked = 3 * (lc.n_routed_experts or 0) * lc.hidden_size * lc.moe_intermediate_size
     return weights + (cache + stacked) * dtype.itemsize + 2 * 2**30

@@ -110,7 +110,9 @@ def install_cog_input_hooks() -> None:
     with _hooks_lock:
         if not getattr(urllib.parse.urlsplit, "_bounded", False):
             urllib.parse.urlsplit = _bounded_urlsplit(urllib.parse.urlsplit)
-        urllib.parse.urlsplit.cache_clear()  # drop anything cached before
+        # Drop anything cached before. (typeshed declares urlsplit a plain function; CPython
+        # wraps it in functools.lru_cache.)
+        urllib.parse.urlsplit.cache_clear()  # type: ignore[attr-defined]
         cog.types.URLPath.convert = _convert
 
 
@@ -127,9 +129,9 @@ def _bounded_urlsplit(cached):
             return uncached(url, scheme, allow_fragments)
         return cached(url, scheme, allow_fragments)
 
-    urlsplit.cache_info = cached.cache_info
-    urlsplit.cache_clear = cached.cache_clear
-    urlsplit._bounded = True
+    urlsplit.__dict__.update(
+        cache_info=cached.cache_info, cache_clear=cached.cache_clear, _bounded=True
+    )
     return urlsplit
 
 
@@ -205,7 +207,7 @@ def upload_path(value: object, name: str = "image") -> str:
     )
     with _issued_lock:
         issued = _issued.get(id(value)) is value
-    if not issued:
+    if not issued or not isinstance(value, os.PathLike):  # every issued one is a cog.types.Path
         raise refusal
     try:
         real = os.path.realpath(value)
@@ -213,7 +215,7 @@ def upload_path(value: object, name: str = "image") -> str:
         accepted = (
             os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
             and stat.S_ISREG(st.st_mode)
-            and _identity(st) == value._upload_identity
+            and _identity(st) == getattr(value, "_upload_identity", None)
         )
     except (OSError, ValueError, TypeError, AttributeError):
         accepted = False
@@ -294,7 +296,7 @@ def _check_target(url: str) -> tuple[str, int, bool]:
         except (OSError, UnicodeError):
             infos = []
         # A name that does not resolve gets the same answer as a private one: no DNS oracle.
-        if not infos or not all(is_public_address(info[4][0]) for info in infos):
+        if not infos or not all(is_public_address(str(info[4][0])) for info in infos):
             raise _not_fetched(url, NOT_PUBLIC)
     return host, port, allowed
 
@@ -303,7 +305,7 @@ class _RefusedPeer(Exception):
     """The connection reached a non-public address (e.g. DNS changed after the check)."""
 
 
-def _public_connection(base):
+def _public_connection(base: Any) -> Any:  # base: a urllib3 connection class
     class PublicOnly(base):
         """Checks the address actually connected to, so a DNS answer that changes between the
         check and the connection (rebinding) cannot reach an internal host."""
