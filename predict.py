@@ -197,18 +197,18 @@ class Predictor(BasePredictor):
         if failure is not None:
             raise failure
         current_scope().record_metric("input_token_count", stream.prompt_token_count)
-        failure = None
+        broken: Exception | None = None
         try:
             async for chunk in stream:
                 yield chunk
         except Exception as exc:  # e.g. CUDA out of memory mid-answer: fail this prediction only
-            failure = exc
+            broken = exc
             stream.finish_reason = "error"  # for the log line below
         finally:  # also on cancellation / client disconnect: stop generating now
             stream.close()
             self._report(stream, start)
-        if failure is not None:
-            error, failure = server_failure(failure), None
+        if broken is not None:
+            error, broken = server_failure(broken), None
             raise error
 
     def _encode(

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from images import encode, gradient, image_url, noise_png, png_declaring
 from PIL import Image, ImageDraw
 
 from cog_server import CogServer
+from images import encode, gradient, image_url, noise_png, png_declaring
 from paths import tiny_checkpoint
 
 CHECKPOINT = tiny_checkpoint()
