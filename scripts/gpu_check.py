@@ -19,6 +19,11 @@ $OUT/gpu_check.log:
               empty inductor/Triton cache: load and compile times; the compiled engine's batch-1
               decode and bound fraction; compiled logits vs eager decode (teacher forced)
   setup_warm  the same in a fresh process with the cache the cold run filled
+  concurrency python -m deepseek_vl2_runtime.bench --random small --device cuda --concurrency
+              1,8,32 (eager, answers 64-96 tokens): per level aggregate and steady-state
+              tokens/s, TTFT and ITL p95, peak memory, speedup over the same requests one at a
+              time. Last, and only started with CONCURRENCY_MIN_S of the budget left (a cut-off
+              run reports nothing): `--only concurrency` runs it alone
 
 `--dry-run` (or GPU_CHECK_DRY_RUN=1) runs every stage on CPU in float32 with narrow widths at
 vl2-small's structure (scripts/gpu_stages.py dry_config), in a few minutes. Standard library
@@ -50,7 +55,11 @@ STAGES = [
     ("snapshot", 100, 60),
     ("setup_cold", 150, 120),
     ("setup_warm", 90, 120),
+    ("concurrency", 180, 120),
 ]
+# The concurrency stage writes its figures only at the end: not started with less than this
+# left of the budget (load ~20 s, warm-up, 32 requests one at a time, then 1 + 8 + 32 at once).
+CONCURRENCY_MIN_S = 120
 BUDGET_S = 465  # the issue's 8 minutes, less the time to write the JSON and clean up
 
 
@@ -89,10 +98,13 @@ class Check:
         tmp.write_text(json.dumps(self.report, indent=1, default=str))
         tmp.replace(self.out / "gpu_check.json")
 
-    def run(self, name: str, cmd: list[str], cap: float, env: dict | None = None) -> dict:
-        """Run one stage's command under min(cap, what is left of the budget)."""
+    def run(
+        self, name: str, cmd: list[str], cap: float, env: dict | None = None, min_s: float = 0
+    ) -> dict:
+        """Run one stage's command under min(cap, what is left of the budget); skipped when
+        that is under MIN_STAGE_S or the stage's own min_s."""
         timeout = min(cap, self.remaining())
-        if timeout < self.MIN_STAGE_S:
+        if timeout < max(self.MIN_STAGE_S, min(min_s, cap)):
             return {"ok": False, "skipped": f"budget spent ({self.remaining():.0f} s left)"}
         self.say(f"stage {name}: {' '.join(cmd)} (timeout {timeout:.0f} s)")
         self.log.write(f"\n===== {name} =====\n")
@@ -136,7 +148,8 @@ class Check:
             result_file.unlink(missing_ok=True)
             cmd = [sys.executable, str(STAGES_PY), stage, "--result", str(result_file)]
             cmd += ["--work", str(self.work)] + (["--dry-run"] if self.args.dry_run else [])
-            entry = self.run(name, cmd, cap, env)
+            min_s = CONCURRENCY_MIN_S if name == "concurrency" and not self.args.dry_run else 0
+            entry = self.run(name, cmd, cap, env, min_s)
             if result_file.is_file():
                 entry["result"] = json.loads(result_file.read_text())
             entry["ok"] = entry.get("rc") == 0 and entry.get("result", {}).get("ok", False)
@@ -195,6 +208,7 @@ def _goal(value, target, met) -> dict:
 def summarise(stages: dict) -> dict:
     """The issue's figures and goals, from whatever stages have run."""
     b = _get(stages, "bench", "result", "bench") or {}
+    conc = _get(stages, "concurrency", "result", "bench", "concurrency", "results") or []
     snap = _get(stages, "snapshot", "result") or {}
     cold = _get(stages, "setup_cold", "result") or {}
     warm = _get(stages, "setup_warm", "result") or {}
@@ -225,6 +239,17 @@ def summarise(stages: dict) -> dict:
         "load_s_warm": warm.get("load_s"),
         "compile_s_warm": warm.get("compile_and_warm_up_s"),
         "compiled_equals_eager": _get(cold, "compiled_vs_eager", "ok"),
+        "concurrency": {
+            str(level["requests"]): {
+                "tokens_per_s": level["tokens_per_s"],
+                "steady_state_tokens_per_s": level["steady_state_tokens_per_s"],
+                "ttft_p95_ms": level["ttft_ms"]["p95"],
+                "itl_p95_ms": level["itl_ms"]["p95"],
+                "peak_memory_mb": level["peak_memory_mb"],
+                "speedup_vs_sequential": level["speedup_vs_sequential"],
+            }
+            for level in conc
+        },
     }
     hbm_read_s = weights_bytes / (gbps * 1e9) if weights_bytes and gbps else None
     disk_read_s = (

@@ -156,21 +156,37 @@ def stage_env(args: argparse.Namespace) -> dict:
     return out
 
 
-def stage_bench(args: argparse.Namespace) -> dict:
-    """`python -m deepseek_vl2_runtime.bench --random small` (dry_config() in a dry run)."""
+def _bench(args: argparse.Namespace, device_argv: list[str], dry_argv: list[str]) -> dict:
+    """`python -m deepseek_vl2_runtime.bench --random small ... --json` in this process
+    (dry_config() on CPU in a dry run); its JSON object."""
     from deepseek_vl2_runtime import bench
     from deepseek_vl2_runtime.config import VL2Config
 
     if args.dry_run:
         bench.small_config = lambda: VL2Config.from_dict(dry_config())
-        argv = ["--random", "small", "--device", "cpu", "--new-tokens", "8", "--repeats", "1"]
+        argv = ["--random", "small", "--device", "cpu", *dry_argv]
     else:
-        argv = ["--random", "small", "--device", "cuda", "--new-tokens", "128", "--repeats", "3"]
+        argv = ["--random", "small", "--device", "cuda", *device_argv]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = bench.main([*argv, "--json"])
     result = json.loads(stdout.getvalue().strip().splitlines()[-1])
     return {"ok": rc == 0, "argv": argv, "bench": result}
+
+
+def stage_bench(args: argparse.Namespace) -> dict:
+    """Single stream: batch-1 decode, its bound, TTFT per image size, peak memory."""
+    return _bench(
+        args, ["--new-tokens", "128", "--repeats", "3"], ["--new-tokens", "8", "--repeats", "1"]
+    )
+
+
+def stage_concurrency(args: argparse.Namespace) -> dict:
+    """1, 8 and 32 requests at once through the one engine (eager; answers of 64-96 tokens,
+    images 256-1280 px) against the same requests one at a time: aggregate tokens/s, TTFT and
+    ITL p95, peak memory per level."""
+    device = ["--concurrency", "1,8,32", "--concurrency-tokens", "64", "96"]
+    return _bench(args, device, ["--concurrency", "1,2,4", "--concurrency-tokens", "8", "12"])
 
 
 def _read_gbps(files: list[Path], direct: bool) -> dict:
@@ -237,10 +253,6 @@ def stage_snapshot(args: argparse.Namespace) -> dict:
     return out
 
 
-def _intervals_ms(stamps: list[float]) -> list[float]:
-    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
 def stage_setup(args: argparse.Namespace) -> dict:
     """Production setup on the snapshot (Pipeline.load, compiled decode, a one-slot engine)
     after dropping the page cache, with the compile cache given by the environment; then the
@@ -295,7 +307,7 @@ def decode_checks(pipe, device: torch.device, dry: bool) -> dict:
     for _ in range(2):  # warm-up, then timed
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in pipe.generate(request, params)]
-    steps = _intervals_ms(stamps)
+    steps = bench.intervals_ms(stamps)
     per_token = statistics.median(steps)
     lc = pipe.config.language_config
     bytes_per_token = bench.weights_bytes_per_token(lc, pipe.dtype)
@@ -349,7 +361,7 @@ def compiled_vs_eager(pipe, request, n: int) -> dict:
 
 
 STAGES = {"env": stage_env, "bench": stage_bench, "snapshot": stage_snapshot}
-STAGES |= {"setup": stage_setup}
+STAGES |= {"setup": stage_setup, "concurrency": stage_concurrency}
 
 
 def main() -> int:

@@ -5,10 +5,12 @@ where it cannot fit; and random snapshots in the real on-disk format through the
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -224,3 +226,120 @@ def test_random_snapshot_in_the_real_format_loads_strictly(tmp_path):
         assert len(pipe.generate_ids(pipe.encode("Hello", []), params)) == 3
     finally:
         pipe.close()
+
+
+def test_concurrency_run_on_the_tiny_checkpoint(monkeypatch, capsys):
+    """--concurrency through the one engine: exact token counts, the lone stream (level 1)
+    added, percentiles ordered and recomputable, every ratio from the measured times. Small
+    images (256-400 px) keep the prefills short; no timing thresholds."""
+    model_dir = tiny_checkpoint()
+    if model_dir is None:
+        pytest.skip("tiny checkpoint not available")
+    monkeypatch.setattr(bench, "MIX_SIDE_PX", (256, 400))
+    args = ["--weights", str(model_dir), "--device", "cpu", "--threads", "1"]
+    r, table = run_bench(capsys, *args, "--concurrency", "2", "--concurrency-tokens", "3", "5")
+    assert "x seq" in table
+    assert "issue 10 targets" not in table  # no level 8 run
+    assert not {"decode_ms_per_token", "time_to_first_token_ms"} & set(r)  # replaced
+    assert r["seeds"] == {"mix": 0, "sampling": 0}
+    assert r["load_s"] > 0
+    c = r["concurrency"]
+    assert (c["levels"], c["answer_tokens"], c["engine_slots"]) == ([1, 2], [3, 5], 2)
+    assert c["image_side_px"] == [256, 400]
+    assert "issue_10_targets" not in c
+    lone, pair = c["results"]
+
+    def ordered(p: dict) -> bool:
+        return p["p50"] <= p["p95"]
+
+    for n, level in zip((1, 2), c["results"], strict=True):
+        reqs = level["per_request"]
+        assert level["requests"] == len(reqs) == n
+        assert all(3 <= q["new_tokens"] <= 5 for q in reqs)
+        assert level["new_tokens"] == sum(q["new_tokens"] for q in reqs)
+        assert level["sequential"]["new_tokens"] == level["new_tokens"]
+        assert level["itl_count"] == level["new_tokens"] - n
+        for seq_or_conc in (level, level["sequential"]):
+            assert ordered(seq_or_conc["ttft_ms"])
+            assert ordered(seq_or_conc["itl_ms"])
+            assert seq_or_conc["tokens_per_s"] == pytest.approx(
+                seq_or_conc["new_tokens"] / seq_or_conc["wall_s"], rel=1e-3
+            )
+        assert ordered(level["queue_ms"])
+        for q in reqs:
+            assert q["queue_ms"] == pytest.approx(q["ttft_ms"] - q["ttft_alone_ms"], abs=2e-3)
+            assert 0 < q["ttft_ms"] < 1e3 * level["wall_s"]
+        for key in ("ttft_ms", "queue_ms"):
+            p50, p95 = np.percentile([q[key] for q in reqs], [50, 95])
+            assert level[key] == {
+                "p50": pytest.approx(p50, abs=2e-3),
+                "p95": pytest.approx(p95, abs=2e-3),
+            }
+        assert level["speedup_vs_sequential"] == pytest.approx(
+            level["sequential"]["wall_s"] / level["wall_s"], abs=1e-3
+        )
+        assert level["itl_p95_vs_lone"] == pytest.approx(
+            level["itl_ms"]["p95"] / lone["itl_ms"]["p95"], abs=1e-3
+        )
+        assert level["itl_p95_vs_sequential"] == pytest.approx(
+            level["itl_ms"]["p95"] / level["sequential"]["itl_ms"]["p95"], abs=1e-3
+        )
+        assert level["peak_memory_mb"] is None  # CPU
+    # Level 1 is its own lone stream; its steady state is its whole decode.
+    assert (lone["steady_state_vs_lone"], lone["itl_p95_vs_lone"]) == (1.0, 1.0)
+    assert lone["steady_state_tokens"] == lone["new_tokens"] - 1
+    assert lone["steady_state_tokens_per_s"] == pytest.approx(
+        lone["steady_state_tokens"] / lone["steady_state_s"], rel=1e-3
+    )
+    # A level's mix is the first N requests of the next: same image, prompt, answer length,
+    # and the same sequential run alone.
+    first = {k: v for k, v in lone["per_request"][0].items() if k in ("image", "prompt_tokens")}
+    assert first == {k: pair["per_request"][0][k] for k in first}
+    assert lone["per_request"][0]["new_tokens"] == pair["per_request"][0]["new_tokens"]
+    assert lone["per_request"][0]["ttft_alone_ms"] == pair["per_request"][0]["ttft_alone_ms"]
+    assert lone["per_request"][0]["image"] != pair["per_request"][1]["image"]
+
+
+def test_serving_figures_arithmetic():
+    """The steady-state window runs from the last first id to the first last id."""
+    traces = [bench.Trace(0.0, [1.0, 2.0, 3.0, 4.0]), bench.Trace(0.5, [2.5, 3.0, 3.5, 5.0])]
+    f = bench.serving_figures(traces)
+    assert (f["wall_s"], f["new_tokens"], f["tokens_per_s"]) == (5.0, 8, 1.6)
+    assert (f["steady_state_s"], f["steady_state_tokens"]) == (1.5, 4)  # 3, 4 and 3.0, 3.5
+    assert f["steady_state_tokens_per_s"] == pytest.approx(4 / 1.5, abs=0.01)
+    assert f["ttft_ms"] == {"p50": 1500.0, "p95": 1950.0}
+    assert f["itl_count"] == 6
+    assert f["itl_ms"]["p50"] == 1000.0  # 1000 x 3, 500, 500, 1500
+    # One request finishes before the other's first id: no window with both decoding.
+    f = bench.serving_figures([bench.Trace(0.0, [1.0, 2.0]), bench.Trace(0.0, [3.0, 4.0])])
+    assert f["steady_state_tokens"] is None
+    assert f["steady_state_tokens_per_s"] is None
+
+
+def test_issue_targets():
+    level = {"requests": 8, "speedup_vs_sequential": 2.5, "steady_state_vs_lone": None}
+    goals = bench.issue_targets(level | {"itl_p95_vs_lone": 3.5})
+    assert goals["speedup_vs_sequential"] == {"value": 2.5, "target": 2.0, "met": True}
+    assert goals["steady_state_vs_lone"]["met"] is None  # not measured
+    assert goals["itl_p95_vs_lone"] == {"value": 3.5, "target": 3.0, "met": False}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--concurrency", "2", "--new-tokens", "8"], "single-stream"),
+        (["--concurrency", "2", "--image", "x.png"], "single-stream"),
+        (["--concurrency-tokens", "4", "8"], "goes with --concurrency"),
+        (["--concurrency", "2", "--concurrency-tokens", "9", "4"], "MIN <= MAX"),
+    ],
+)
+def test_concurrency_arguments_refused_before_loading(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--weights", "/nonexistent", "--device", "cpu", *argv])
+
+
+def test_concurrency_levels():
+    assert bench.levels("32,8,8") == [1, 8, 32]
+    for bad in ("0,4", "a,b", "4,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.levels(bad)

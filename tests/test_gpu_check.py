@@ -72,3 +72,37 @@ def test_goals_from_device_figures():
     assert goals["peak_memory_at_most_weights_plus_3gb"]["met"]  # 33 GB <= 32 + 3
     warm = goals["warm_setup_at_most_1_5x_disk_read"]  # 32 GB / 2 GB/s = 16 s, x1.5
     assert warm["target"] == 24.0 and warm["met"] is False
+
+
+def test_concurrency_figures_and_minimum_budget(tmp_path):
+    """The concurrency stage's levels in the summary; the stage is not started when less than
+    its minimum is left (a cut-off run would report nothing)."""
+    level = {
+        "tokens_per_s": 900.0,
+        "steady_state_tokens_per_s": 1200.0,
+        "ttft_ms": {"p50": 80.0, "p95": 120.0},
+        "itl_ms": {"p50": 20.0, "p95": 30.0},
+        "peak_memory_mb": 40000.0,
+        "speedup_vs_sequential": 9.5,
+    }
+    results = [level | {"requests": 1}, level | {"requests": 8}]
+    stages = {"concurrency": {"result": {"bench": {"concurrency": {"results": results}}}}}
+    figures = gpu_check.summarise(stages)["concurrency"]
+    assert set(figures) == {"1", "8"}
+    assert figures["8"] == {
+        "tokens_per_s": 900.0,
+        "steady_state_tokens_per_s": 1200.0,
+        "ttft_p95_ms": 120.0,
+        "itl_p95_ms": 30.0,
+        "peak_memory_mb": 40000.0,
+        "speedup_vs_sequential": 9.5,
+    }
+    assert gpu_check.summarise({})["concurrency"] == {}
+    args = argparse.Namespace(
+        dry_run=False, out=str(tmp_path / "o"), work=str(tmp_path / "w"), budget_s=60.0
+    )
+    check = gpu_check.Check(args)
+    cmd = [sys.executable, "-c", "pass"]
+    late = check.run("concurrency", cmd, cap=180, min_s=gpu_check.CONCURRENCY_MIN_S)
+    assert "budget spent" in late["skipped"]
+    assert check.run("other", cmd, cap=180)["rc"] == 0  # 60 s left is enough without a minimum
