@@ -1,26 +1,34 @@
 """The engine: the only caller of the model's forward, serving many sequences at once.
 
-One scheduling thread owns the model, the KV cache and all device work. Requests (already
-validated and encoded: `EncodedRequest` + `SamplingParams`) join a FIFO queue; each step of the
-loop
+Two threads own the model and the KV cache. Requests (already validated and encoded:
+`EncodedRequest` + `SamplingParams`) join a FIFO queue. Each step of the scheduling loop
 
-1. drops cancelled sequences and returns their cache slots;
-2. admits queued requests while cache slots are free (a request that gets none waits);
-3. prefills one chunk (`prefill_chunk` tokens) of the oldest admitted prompt, encoding its images
-   first when the chunk is its first, so a long image prompt delays the running streams by one
-   chunk per step, never by its whole prefill;
+1. takes over the sequences whose prefill has finished, samples their first token and adds them
+   to the decoding batch;
+2. drops cancelled sequences and returns their cache slots;
+3. admits queued requests while cache slots are free (a request that gets none waits) and hands
+   them to the prefill thread;
 4. runs one batched decode step for every decoding sequence (row i of the batch is cache slot i;
    on CUDA with `compile`, a CUDA graph per batch-size bucket);
 5. samples each row with its request's own parameters and `torch.Generator`, emits the ids, and
    stops each sequence on its own terms (end of sentence, its token budget, the context end).
+
+The prefill thread encodes each admitted request's images and fills its cache slot, in
+`prefill_chunk`-token chunks (bounding activation memory; a cancel is seen between chunks), in
+admission order, while the loop keeps decoding: a 2,000-token image prompt never stalls the
+running streams (on CPU the two threads run on different cores; on CUDA both issue work to the
+same stream, so the device interleaves them kernel by kernel). The two never write the same
+cache entries: a slot being prefilled is an idle row of the decode batch, which writes only that
+slot's spare position.
 
 The engine knows nothing about text. Chunk boundaries are fixed multiples of `prefill_chunk`
 from each prompt's start and sampling is per row, so a request computes the same numbers
 (up to the float reduction order of a batched matmul) alone or inside any batch.
 
 A failure inside one sequence (its image encoding, its prefill) fails that sequence alone, with
-the original exception as the stream's error; a failing decode step fails the sequences in it; an error in the loop itself fails every waiting
-and running request, and `healthy` turns False. Nothing blocks forever: every stream ends with a
+the original exception as the stream's error; a failing decode step fails the sequences in it;
+an error in either thread itself fails every waiting and running request, and `healthy` turns
+False. Nothing blocks forever: every stream ends with a
 `Finished` item.
 """
 
@@ -112,7 +120,7 @@ class TokenStream:
     def cancel(self) -> None:
         self.cancelled = True
         with self._wake:
-            self._wake.notify()
+            self._wake.notify_all()
 
     def _emit(self, item: Token | Finished) -> bool:
         """Engine side. False when the consumer's event loop is gone (treated as a cancel)."""
@@ -170,7 +178,6 @@ class _Sequence:
     generator: torch.Generator
     keep_logits: bool
     slot: int = -1
-    embeds: torch.Tensor | None = None  # [T, H] while prefilling
     filled: int = 0  # prompt positions in the cache
     last: int = -1  # the id to feed to the next decode step
     generated: int = 0
@@ -227,13 +234,22 @@ class Engine:
         vocab = model.config.language_config.vocab_size
         self._seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=self.device)
         self._free = list(range(self.slots))  # kept sorted: the lowest slot is taken first
+        # Each sequence is in exactly one place: waiting (loop) -> to_prefill -> prefilling (the
+        # prefill thread's) -> prefilled (handed back) -> active (loop, decoding).
         self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._to_prefill: collections.deque[_Sequence] = collections.deque()
+        self._prefilling: _Sequence | None = None  # the one the prefill thread is working on
+        self._prefilled: list[tuple[_Sequence, torch.Tensor | BaseException | None]] = []
         self._active: list[_Sequence] = []  # admission order
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # guards the queues above; both threads wait on it
         self._closing = False
+        self._prefill_stop = False
         self.error: BaseException | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deepseek-vl2-engine", daemon=True)
+        self._prefiller = threading.Thread(
+            target=self._prefill_run, name="deepseek-vl2-prefill", daemon=True
+        )
         self._thread.start()
         self._ready.wait()
         if self.error is not None:
@@ -276,7 +292,7 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and self._thread.is_alive() and self._prefiller.is_alive()
 
     # -- front door ------------------------------------------------------------------------
 
@@ -319,14 +335,14 @@ class Engine:
             if not self.healthy or self._closing:
                 raise EngineError(self._dead_message())
             self._waiting.append(seq)
-            self._cv.notify()
+            self._cv.notify_all()
         return seq.stream
 
     def close(self) -> None:
         """Stop the loop (pending requests are failed) and wait for it."""
         with self._cv:
             self._closing = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
 
     # -- the loop --------------------------------------------------------------------------
@@ -336,25 +352,39 @@ class Engine:
             with torch.inference_mode():
                 if self.step.compiled is not None:
                     self._warm_up()
+                self._prefiller.start()
                 self._ready.set()
                 while self._next():
+                    self._take_prefilled()
                     self._reap()
                     self._admit()
-                    self._prefill()
                     self._decode()
         except BaseException as exc:
             self.error = exc
             log.error("the engine stopped: %s", exc, exc_info=exc)
         finally:
             self._ready.set()
+            with self._cv:
+                self._prefill_stop = True
+                self._cv.notify_all()
+            if self._prefiller.is_alive():
+                self._prefiller.join()
             self._fail_all()
 
     def _next(self) -> bool:
-        """Wait until there is work; False when the engine is closing."""
+        """Wait until there is work; False when the engine is closing or the prefill thread
+        died."""
         with self._cv:
-            while not (self._closing or self._waiting or self._active):
+            while not (
+                self._closing
+                or self.error is not None
+                or self._active
+                or self._prefilled
+                or (self._waiting and self._free)
+                or any(s.stream.cancelled for s in self._waiting)
+            ):
                 self._cv.wait()
-            return not self._closing
+            return not self._closing and self.error is None
 
     def _warm_up(self) -> None:
         """Compile (capture) the decode step of every batch bucket up to the slot count. Only
@@ -372,7 +402,6 @@ class Engine:
                 self._free.append(seq.slot)
                 self._free.sort()
                 seq.slot = -1
-        seq.embeds = None
         seq.stream._emit(Finished(reason, error))
 
     def _reap(self) -> None:
@@ -395,27 +424,67 @@ class Engine:
                 seq.slot = self._free.pop(0)
             self._seen[seq.slot].zero_()
             self._seen[seq.slot, seq.request.input_ids] = True
-            self._active.append(seq)
+            with self._cv:
+                self._to_prefill.append(seq)
+                self._cv.notify_all()
 
-    def _prefill(self) -> None:
-        seq = next((s for s in self._active if s.generated == 0), None)
-        if seq is None:
-            return
+    def _take_prefilled(self) -> None:
+        """Sequences back from the prefill thread: sample the first token, start decoding."""
+        with self._cv:
+            done, self._prefilled = self._prefilled, []
+        for seq, result in done:
+            if isinstance(result, BaseException):
+                self._finish(seq, "error", result)
+            elif result is None or seq.stream.cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                self._active.append(seq)
+                try:
+                    self._sample([seq], result)
+                except Exception as exc:
+                    log.error("request failed sampling its first token: %s", exc, exc_info=exc)
+                    self._finish(seq, "error", exc)
+
+    # -- the prefill thread ----------------------------------------------------------------
+
+    def _prefill_run(self) -> None:
         try:
-            if seq.embeds is None:
-                seq.embeds = self.embed(seq.request)[0]
-            start = seq.filled
-            chunk = seq.embeds[start : start + self.config.prefill_chunk][None]
-            hidden = self.lm.hidden_states(chunk, seq.slot, start)
-            seq.filled += chunk.shape[1]
-            if seq.filled < seq.request.num_tokens:
-                return
-            seq.embeds = None
-            logits = self.lm.logits(hidden[:, -1])  # [1, V]
-            self._sample([seq], logits)
+            with torch.inference_mode():
+                while True:
+                    with self._cv:
+                        while not (self._prefill_stop or self._to_prefill):
+                            self._cv.wait()
+                        if self._prefill_stop:
+                            return
+                        seq = self._prefilling = self._to_prefill.popleft()
+                    result = self._prefill(seq)
+                    with self._cv:
+                        self._prefilled.append((seq, result))
+                        self._prefilling = None
+                        self._cv.notify_all()
+        except BaseException as exc:
+            self.error = exc
+            log.error("the engine's prefill thread stopped: %s", exc, exc_info=exc)
+            with self._cv:
+                self._cv.notify_all()
+
+    def _prefill(self, seq: _Sequence) -> torch.Tensor | BaseException | None:
+        """Encode the request's images and fill its cache slot. Returns the last position's
+        float32 logits [1, V]; None when it was cancelled; the exception when it failed."""
+        if seq.stream.cancelled:
+            return None
+        try:
+            embeds = self.embed(seq.request)[0]
+            chunk, n = self.config.prefill_chunk, seq.request.num_tokens
+            for start in range(0, n, chunk):  # fixed boundaries: the same numbers in any batch
+                if seq.stream.cancelled:
+                    return None
+                hidden = self.lm.hidden_states(embeds[start : start + chunk][None], seq.slot, start)
+            seq.filled = n
+            return self.lm.logits(hidden[:, -1])
         except Exception as exc:
             log.error("request failed in prefill: %s", exc, exc_info=exc)
-            self._finish(seq, "error", exc)
+            return exc
 
     def _decode(self) -> None:
         rows = [s for s in self._active if s.decoding]
@@ -461,5 +530,9 @@ class Engine:
         error = EngineError(self._dead_message())
         with self._cv:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting += list(self._to_prefill) + [seq for seq, _ in self._prefilled]
+            if self._prefilling is not None:  # the prefill thread died holding it
+                waiting.append(self._prefilling)
+            self._to_prefill, self._prefilled, self._prefilling = collections.deque(), [], None
         for seq in waiting + list(self._active):
             self._finish(seq, "error", error)

@@ -402,14 +402,18 @@ class MoE(nn.Module):
         ids, weights = self.gate(flat)
         n, k = ids.shape
         # A decode step on the device (CUDA, or any compiled step) must not read `ids` on the
-        # host; eager CPU has no device to wait for, and grouping by expert is its fastest path.
+        # host; eager CPU has no device to wait for, and grouping by expert is its fastest path
+        # while the tokens pick fewer expert slots than there are experts. From there on every
+        # device runs them dense: the same weights are read, without a loop over experts.
         on_device = flat.is_cuda or torch.compiler.is_compiling()
-        if self.w13 is None or not on_device or n > self.DENSE_MAX_TOKENS:
+        if self.w13 is None or n > self.DENSE_MAX_TOKENS:
             routed = self._routed_grouped(flat, ids)
-        elif n * k < len(self.experts):
+        elif n * k >= len(self.experts):
+            routed = self._routed_dense(flat, ids)
+        elif on_device:
             routed = self._routed_gathered(flat, ids)
         else:
-            routed = self._routed_dense(flat, ids)
+            routed = self._routed_grouped(flat, ids)
         y = (routed.float() * weights[:, :, None]).sum(dim=1).to(x.dtype).view(shape)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)

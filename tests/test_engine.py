@@ -9,6 +9,7 @@ cancelled request frees it, a failure stays inside its request, a dead loop fail
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -263,6 +264,55 @@ def test_a_dead_loop_fails_every_request_and_reports_unhealthy(monkeypatch) -> N
     wait_for(lambda: not engine.healthy)
     with pytest.raises(EngineError, match="restart the server"):
         pipe.generate(text_request(pipe), params)
+
+
+def test_a_long_prefill_runs_beside_the_decoding_streams(small) -> None:
+    """While a 4-chunk image prompt is prefilled (on the prefill thread), a running stream
+    keeps decoding: it gets many tokens in that time, not one per chunk."""
+    from PIL import Image
+
+    running = small.generate(text_request(small), SamplingParams(max_new_tokens=2000, **GREEDY))
+    arrivals: list[float] = []
+    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in running))
+    reader.start()
+    wait_for(lambda: len(arrivals) > 0)
+    image = Image.new("RGB", (1280, 1280), (40, 120, 200))
+    long = small.encode("<image>\nDescribe this image in detail.", [image])
+    chunks = -(-long.num_tokens // small.engine.config.prefill_chunk)
+    assert chunks >= 4
+    submitted = time.monotonic()
+    assert len(small.generate_ids(long, SamplingParams(max_new_tokens=1, **GREEDY))) == 1
+    first_token = time.monotonic()
+    running.cancel()
+    reader.join()
+    during = sum(submitted < t < first_token for t in arrivals)
+    assert during > 2 * chunks, (during, chunks)
+
+
+class Bug(BaseException):
+    """Not an Exception: escapes the per-request handling, as a bug in the thread would."""
+
+
+def test_a_dead_prefill_thread_fails_every_request_and_reports_unhealthy(monkeypatch) -> None:
+    pipe = Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(max_batch=2))
+    engine = pipe.engine
+    params = SamplingParams(max_new_tokens=200, **GREEDY)
+    running = pipe.generate(text_request(pipe), params)
+    next(running)
+
+    def broken(seq):
+        raise Bug("prefill bug")
+
+    monkeypatch.setattr(engine, "_prefill", broken)
+    doomed = pipe.generate(text_request(pipe, "Another story."), params)
+    with pytest.raises(EngineError, match="internal error"):
+        list(doomed)
+    with pytest.raises(EngineError, match="internal error"):
+        list(running)
+    wait_for(lambda: not engine.healthy)
+    with pytest.raises(EngineError, match="restart the server"):
+        pipe.generate(text_request(pipe), params)
+    pipe.close()
 
 
 def test_cache_is_sized_from_the_budget() -> None:
