@@ -72,7 +72,7 @@ class Check:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
         self.work.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.out / "gpu_check.log", "a", buffering=1)  # noqa: SIM115
+        self.log = open(self.out / "gpu_check.log", "a", buffering=1)
         self.start = time.monotonic()
         self.report: dict = {
             "schema": "gpu_check/1",
@@ -165,7 +165,7 @@ class Check:
         select = "not cpu-bfloat16" if self.args.dry_run else "not cpu-"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
         cmd += ["tests/test_gpu.py", "tests/test_real_width.py", "-k", select]
-        entry = self.run("gpu_tests", cmd + [f"--junitxml={junit}"], cap)
+        entry = self.run("gpu_tests", [*cmd, f"--junitxml={junit}"], cap)
         if junit.is_file():
             entry["result"] = junit_counts(junit)
         entry["ok"] = entry.get("rc") == 0

@@ -93,7 +93,8 @@ def test_random_small_refused_where_it_cannot_fit(small_on_meta, capsys):
     message = str(refused.value.code)
     assert capsys.readouterr().out == ""
     assert message.startswith("--random small needs about")
-    assert "GiB" in message and "float32" in message
+    assert "GiB" in message
+    assert "float32" in message
 
 
 def test_smoke_run_on_the_tiny_checkpoint(capsys):
@@ -121,23 +122,31 @@ def test_smoke_run_on_the_tiny_checkpoint(capsys):
     assert r["prompt_tokens"]["384x384"] < r["prompt_tokens"]["4032x3024"] < 4096
     assert set(r["decode_ms"]) == {"4032x3024", user_key}
 
-    assert r["decode_image"] == user_key and r["new_tokens"] == 8
+    assert r["decode_image"] == user_key
+    assert r["new_tokens"] == 8
     assert r["decode_intervals"] == 6  # 8 ids, 7 intervals, the last dropped
-    assert r["decode_ms_per_token"] > 0 and r["decode_ms_per_token_mean"] > 0
+    assert r["decode_ms_per_token"] > 0
+    assert r["decode_ms_per_token_mean"] > 0
     assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"], rel=1e-3)
     assert r["first_token_via_generate_ms"] > 0
-    assert r["load_s"] > 0 and r["compile_s"] is None and r["peak_memory_mb"] > 0
+    assert r["load_s"] > 0
+    assert r["compile_s"] is None
+    assert r["peak_memory_mb"] > 0
 
     assert (r["device"], r["dtype"], r["threads"], r["compile"]) == ("cpu", "float32", 1, False)
     assert r["torch_version"] == torch.__version__
-    assert r["seeds"]["sampling"] == 0 and r["repeats"] == 1
+    assert r["seeds"]["sampling"] == 0
+    assert r["repeats"] == 1
     # Tiny config: embedding row 64 + norms + 3 x attention + dense MLP + 2 x (router + top-2
     # of 8 experts + shared) + final norm + lm_head 1024 x 64, float32.
     assert r["config"]["active_params_per_token"] < r["config"]["total_params"]
     assert r["weights_bytes_per_token"] == 4 * r["config"]["active_params_per_token"]
-    assert r["memory_bandwidth_gbps"] is None and r["bound_tokens_per_s"] is None
-    assert r["bound_fraction"] is None and r["peak_memory_mb_long_request"] is None
-    assert r["host_memcpy_gbps"] > 0 and r["host_memcpy_bound_tokens_per_s"] > 0
+    assert r["memory_bandwidth_gbps"] is None
+    assert r["bound_tokens_per_s"] is None
+    assert r["bound_fraction"] is None
+    assert r["peak_memory_mb_long_request"] is None
+    assert r["host_memcpy_gbps"] > 0
+    assert r["host_memcpy_bound_tokens_per_s"] > 0
     assert "NOT measured" in r["official_cpu_reference"]["source"]  # tiny mla, CPU, 1 thread
 
 
@@ -171,12 +180,15 @@ def test_random_model_is_seeded_and_prepared():
     for (name, x), y, z in zip(
         a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
     ):
-        assert x.dtype == torch.bfloat16 and x.device == cpu, name
+        assert x.dtype == torch.bfloat16, name
+        assert x.device == cpu, name
         assert torch.equal(x, y), name
         assert not torch.equal(x, z), name
     norm = a.language.model.norm.weight.float()
-    assert abs(norm.mean().item() - 1) < 0.05 and 0.05 < norm.std().item() < 0.15
-    assert a.language.max_seq == 4096 and not a.training
+    assert abs(norm.mean().item() - 1) < 0.05
+    assert 0.05 < norm.std().item() < 0.15
+    assert a.language.max_seq == 4096
+    assert not a.training
     assert all(m.w13 is not None for m in a.modules() if isinstance(m, MoE))
 
 
@@ -186,13 +198,16 @@ def test_random_run_in_process(monkeypatch, capsys):
     monkeypatch.setattr(bench, "small_config", tiny_with_real_vocab)
     args = ["--random", "small", "--device", "cpu", "--threads", "1"]
     r, _ = run_bench(capsys, *args, "--new-tokens", "4", "--repeats", "1")
-    assert r["source"] == "random:small" and r["seeds"]["model_init"] == 0
-    assert r["config"]["vocab_size"] == 102400 and r["load_s"] > 0
+    assert r["source"] == "random:small"
+    assert r["seeds"]["model_init"] == 0
+    assert r["config"]["vocab_size"] == 102400
+    assert r["load_s"] > 0
     assert list(r["time_to_first_token_ms"]) == SIZE_KEYS
     w, h = select_best_resolution((640, 480), small_config().candidate_resolutions)
     image_tokens = num_image_tokens((w // 384, h // 384), 14)
     assert r["prompt_tokens"]["640x480"] == image_tokens + 13
-    assert r["decode_intervals"] == 2 and r["decode_tokens_per_s"] > 0
+    assert r["decode_intervals"] == 2
+    assert r["decode_tokens_per_s"] > 0
     assert "official_cpu_reference" not in r
 
 
@@ -206,7 +221,8 @@ def test_random_snapshot_in_the_real_format_loads_strictly(tmp_path):
     dst = write_checkpoint(tmp_path / "snap", raw, model_dir, seed=5, shard_bytes=2**20)
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert len(shards) > 1
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     config = VL2Config.from_json(dst / "config.json")
     shapes = checkpoint_shapes(config)
     assert set(index["weight_map"]) == set(shapes)
@@ -214,14 +230,13 @@ def test_random_snapshot_in_the_real_format_loads_strictly(tmp_path):
     with safe_open(dst / shards[0], "pt") as f:
         assert f.metadata() == {"format": "pt"}
         key = next(iter(f.keys()))
-        assert (
-            f.get_tensor(key).dtype == torch.bfloat16
-            and tuple(f.get_slice(key).get_shape()) == shapes[key]
-        )
+        assert f.get_tensor(key).dtype == torch.bfloat16
+        assert tuple(f.get_slice(key).get_shape()) == shapes[key]
     pipe = Pipeline.load(dst, device="cpu", dtype=torch.float32)
     try:
         norm = pipe.model.language.model.norm.weight
-        assert abs(norm.mean().item() - 1) < 0.05 and 0.03 < norm.std().item() < 0.15
+        assert abs(norm.mean().item() - 1) < 0.05
+        assert 0.03 < norm.std().item() < 0.15
         params = SamplingParams(temperature=0, max_new_tokens=3, seed=0)
         assert len(pipe.generate_ids(pipe.encode("Hello", []), params)) == 3
     finally:

@@ -22,9 +22,12 @@ def test_env_stage_writes_the_report(tmp_path):
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["schema"] == "gpu_check/1" and report["mode"] == "dry_run"
+    assert report["schema"] == "gpu_check/1"
+    assert report["mode"] == "dry_run"
     env = report["stages"]["env"]
-    assert env["ok"] and not env["timed_out"] and env["seconds"] < env["timeout_s"]
+    assert env["ok"]
+    assert not env["timed_out"]
+    assert env["seconds"] < env["timeout_s"]
     assert env["result"]["runtime_import_failures"] == {}  # no cog / huggingface_hub needed
     assert env["result"]["runtime_modules"] >= 15
     assert set(report["stages"]) == {"env"}
@@ -39,9 +42,11 @@ def test_a_failing_or_overrunning_stage_is_recorded(tmp_path):
     check = gpu_check.Check(args)
     check.MIN_STAGE_S = 1
     failed = check.run("boom", [sys.executable, "-c", "raise SystemExit(3)"], cap=30)
-    assert failed["rc"] == 3 and not failed["timed_out"]
+    assert failed["rc"] == 3
+    assert not failed["timed_out"]
     slow = check.run("slow", ["sleep", "60"], cap=1.5)
-    assert slow["timed_out"] and slow["seconds"] < 10
+    assert slow["timed_out"]
+    assert slow["seconds"] < 10
     args.budget_s = 0
     assert "budget spent" in check.run("late", [sys.executable, "-c", "pass"], cap=30)["skipped"]
 
@@ -68,10 +73,12 @@ def test_goals_from_device_figures():
     goals = gpu_check.summarise(stages)["goals"]
     assert goals["decode_at_least_60pct_of_bound"] == {"value": 0.7, "target": 0.6, "met": True}
     ttft = goals["ttft_1024x768_at_most_3x_weight_read"]  # 32 GB / 4 TB/s = 8 ms, x3
-    assert ttft["target"] == 24.0 and ttft["met"]
+    assert ttft["target"] == 24.0
+    assert ttft["met"]
     assert goals["peak_memory_at_most_weights_plus_3gb"]["met"]  # 33 GB <= 32 + 3
     warm = goals["warm_setup_at_most_1_5x_disk_read"]  # 32 GB / 2 GB/s = 16 s, x1.5
-    assert warm["target"] == 24.0 and warm["met"] is False
+    assert warm["target"] == 24.0
+    assert warm["met"] is False
 
 
 def test_concurrency_figures_and_minimum_budget(tmp_path):
