@@ -34,7 +34,6 @@ import os
 import sys
 import time
 
-import torch
 from cog import (
     AsyncConcatenateIterator,
     BasePredictor,
@@ -88,10 +87,10 @@ class Predictor(BasePredictor):
         install_cog_input_hooks()  # bounded URL-parse cache; safe URL downloads; upload registry
         start = time.perf_counter()
         weights = resolve_verified_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
-        # Compiled decode (CUDA graphs) on GPU by default; DEEPSEEK_VL2_COMPILE=0/1 overrides.
-        # On CPU compilation costs ~40 s at setup, so it is off unless asked for.
-        compile_default = "1" if torch.cuda.is_available() else "0"
-        compile_decode = os.environ.get("DEEPSEEK_VL2_COMPILE", compile_default) == "1"
+        # Compiled decode on CUDA, eager on CPU (pipeline.default_compile), unless
+        # DEEPSEEK_VL2_COMPILE=0/1 says otherwise.
+        choice = os.environ.get("DEEPSEEK_VL2_COMPILE")
+        compile_decode = None if choice is None else choice == "1"
         # The engine holds as many sequences as coglet runs predictions at once (the image's
         # COG_MAX_CONCURRENCY comes from cog.yaml; `make serve` sets it on a bare host).
         slots = int(os.environ.get("COG_MAX_CONCURRENCY") or MAX_CONCURRENCY)

@@ -202,7 +202,7 @@ def load_weights(
 ) -> tuple[Runtime, VL2Config]:
     sync(device)
     start = time.perf_counter()
-    pipe = Pipeline.load(path, device, dtype, engine=EngineConfig(max_batch=1))
+    pipe = Pipeline.load(path, device, dtype, compile=False, engine=EngineConfig(max_batch=1))
     sync(device)
     load_s = time.perf_counter() - start
     pipe.close()  # its engine stops at end-of-sentence; the benchmark's runs exactly N tokens
