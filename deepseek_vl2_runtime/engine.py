@@ -134,6 +134,26 @@ class TokenStream:
             return False
         return True
 
+    @staticmethod
+    def _emit_tokens(items: list[tuple[TokenStream, Token]]) -> set[TokenStream]:
+        """Engine side: one token to each stream, with one wake-up per event loop (not one per
+        token). Returns the streams whose event loop is gone (marked cancelled)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, Token]]] = {}
+        for stream, item in items:
+            if stream._loop is None:
+                stream._items.put(item)
+            else:
+                by_loop.setdefault(stream._loop, []).append((stream, item))
+        gone: set[TokenStream] = set()
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(s._items, item) for s, item in pairs])
+            except RuntimeError:  # event loop closed: nobody is listening any more
+                for stream, _ in pairs:
+                    stream.cancelled = True
+                    gone.add(stream)
+        return gone
+
     def _end(self, item: Token | Finished) -> Token:
         if isinstance(item, Token):
             return item
@@ -164,6 +184,12 @@ class TokenStream:
             return self._end(await self._items.get())
         except StopIteration:
             raise StopAsyncIteration from None
+
+
+def _put_all(pairs: list[tuple[queue.SimpleQueue | asyncio.Queue, Token]]) -> None:
+    """Event-loop side of `TokenStream._emit_tokens`."""
+    for items, item in pairs:
+        items.put_nowait(item)
 
 
 @dataclasses.dataclass(eq=False)
@@ -511,12 +537,16 @@ class Engine:
         ids = sample(logits, seen, [s.params for s in rows], [s.generator for s in rows])
         self._seen[slots, ids] = True
         kept = {i: logits[i].cpu() for i, s in enumerate(rows) if s.keep_logits}
+        tokens = []
         for i, (seq, token) in enumerate(zip(rows, ids.tolist(), strict=True)):
             seq.generated += 1
             seq.last = token
-            if not seq.stream._emit(Token(token, kept.get(i))):
+            tokens.append((seq.stream, Token(token, kept.get(i))))
+        gone = TokenStream._emit_tokens(tokens)  # before any Finished: a stream's order holds
+        for seq in rows:
+            if seq.stream in gone:
                 self._finish(seq, "cancelled")
-            elif token == self.eos_id:
+            elif seq.last == self.eos_id:
                 self._finish(seq, "eos")
             elif seq.generated == seq.budget:
                 self._finish(seq, seq.limit)

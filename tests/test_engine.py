@@ -9,6 +9,7 @@ cancelled request frees it, a failure stays inside its request, a dead loop fail
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -287,6 +288,17 @@ def test_a_long_prefill_runs_beside_the_decoding_streams(small) -> None:
     reader.join()
     during = sum(submitted < t < first_token for t in arrivals)
     assert during > 2 * chunks, (during, chunks)
+
+
+def test_a_stream_whose_event_loop_closed_is_cancelled(small) -> None:
+    """A consumer that went away with its event loop: the engine treats it as a cancel and
+    frees the slot."""
+    loop = asyncio.new_event_loop()
+    params = SamplingParams(max_new_tokens=2000, **GREEDY)
+    stream = small.engine.submit(text_request(small), params, loop=loop)
+    loop.close()
+    wait_for(lambda: stream.cancelled)
+    wait_for(lambda: small.engine.free_slots == 2)
 
 
 class Bug(BaseException):
