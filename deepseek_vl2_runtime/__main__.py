@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .engine import EngineConfig
 from .errors import CheckpointError, InputError
 from .grounding import draw_grounding, parse_grounding
 from .image_io import load_image
@@ -122,7 +123,10 @@ def _annotate(path: str, image, objects) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     params, images = _check_arguments(args)
-    pipe = Pipeline.load(args.weights, args.device, DTYPES.get(args.dtype))
+    # One request: one KV-cache slot (the server's engine holds one per concurrent request).
+    pipe = Pipeline.load(
+        args.weights, args.device, DTYPES.get(args.dtype), engine=EngineConfig(max_batch=1)
+    )
     start = time.perf_counter()
     stream = pipe.stream(args.prompt, images, params)
     chunks = []
