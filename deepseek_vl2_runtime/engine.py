@@ -124,21 +124,13 @@ class TokenStream:
 
     def _emit(self, item: Token | Finished) -> bool:
         """Engine side. False when the consumer's event loop is gone (treated as a cancel)."""
-        if self._loop is None:
-            self._items.put(item)
-            return True
-        try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-        except RuntimeError:  # event loop closed: nobody is listening any more
-            self.cancelled = True
-            return False
-        return True
+        return not TokenStream._emit_all([(self, item)])
 
     @staticmethod
-    def _emit_tokens(items: list[tuple[TokenStream, Token]]) -> set[TokenStream]:
-        """Engine side: one token to each stream, with one wake-up per event loop (not one per
-        token). Returns the streams whose event loop is gone (marked cancelled)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, Token]]] = {}
+    def _emit_all(items: list[tuple[TokenStream, Token | Finished]]) -> set[TokenStream]:
+        """Engine side: one item to each stream, with one wake-up per event loop (not one per
+        item). Returns the streams whose event loop is gone (marked cancelled)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, Token | Finished]]] = {}
         for stream, item in items:
             if stream._loop is None:
                 stream._items.put(item)
@@ -186,8 +178,8 @@ class TokenStream:
             raise StopAsyncIteration from None
 
 
-def _put_all(pairs: list[tuple[queue.SimpleQueue | asyncio.Queue, Token]]) -> None:
-    """Event-loop side of `TokenStream._emit_tokens`."""
+def _put_all(pairs: list[tuple[queue.SimpleQueue | asyncio.Queue, Token | Finished]]) -> None:
+    """Event-loop side of `TokenStream._emit_all`."""
     for items, item in pairs:
         items.put_nowait(item)
 
@@ -204,13 +196,8 @@ class _Sequence:
     generator: torch.Generator
     keep_logits: bool
     slot: int = -1
-    filled: int = 0  # prompt positions in the cache
     last: int = -1  # the id to feed to the next decode step
     generated: int = 0
-
-    @property
-    def decoding(self) -> bool:
-        return self.filled == self.request.num_tokens and self.generated > 0
 
 
 class DecodeStep:
@@ -506,14 +493,13 @@ class Engine:
                 if seq.stream.cancelled:
                     return None
                 hidden = self.lm.hidden_states(embeds[start : start + chunk][None], seq.slot, start)
-            seq.filled = n
             return self.lm.logits(hidden[:, -1])
         except Exception as exc:
             log.error("request failed in prefill: %s", exc, exc_info=exc)
             return exc
 
     def _decode(self) -> None:
-        rows = [s for s in self._active if s.decoding]
+        rows = list(self._active)  # all prefilled, each with its first token sampled
         if not rows:
             return
         n = self.step.rows(max(s.slot for s in rows) + 1)
@@ -537,12 +523,12 @@ class Engine:
         ids = sample(logits, seen, [s.params for s in rows], [s.generator for s in rows])
         self._seen[slots, ids] = True
         kept = {i: logits[i].cpu() for i, s in enumerate(rows) if s.keep_logits}
-        tokens = []
+        tokens: list[tuple[TokenStream, Token | Finished]] = []
         for i, (seq, token) in enumerate(zip(rows, ids.tolist(), strict=True)):
             seq.generated += 1
             seq.last = token
             tokens.append((seq.stream, Token(token, kept.get(i))))
-        gone = TokenStream._emit_tokens(tokens)  # before any Finished: a stream's order holds
+        gone = TokenStream._emit_all(tokens)  # before any Finished: a stream's order holds
         for seq in rows:
             if seq.stream in gone:
                 self._finish(seq, "cancelled")
