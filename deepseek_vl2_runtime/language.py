@@ -41,15 +41,15 @@ class Prefill:
 @dataclasses.dataclass(frozen=True)
 class Decode:
     """Attention context of a decode batch: row i is cache slot i, its new token at position
-    pos[i]; it attends to the first `length` cache entries under `mask` [K, length] (entry j
-    is visible to row i iff j <= pos[i]; None when K == 1 and length == pos + 1).
-    cos/sin [K, 1, rope]."""
+    pos[i]; it attends to the first `length` cache entries plus `bias` [K, length] (0 where
+    entry j is visible to row i, j <= pos[i], else -inf; built once per step for every layer;
+    None when K == 1 and length == pos + 1). cos/sin [K, 1, rope]."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     pos: torch.Tensor
     length: int
-    mask: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
 Context = Prefill | Decode
@@ -186,8 +186,8 @@ class MLAttention(nn.Module):
         q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [K, nH, rank + rope]
         cache = self.cache[:k, : ctx.length]  # [K, S, rank + rope]
         scores = torch.bmm(q, cache.transpose(1, 2)) * self.scale  # [K, nH, S]
-        if ctx.mask is not None:
-            scores = scores.masked_fill(~ctx.mask[:, None, :], float("-inf"))
+        if ctx.bias is not None:
+            scores = scores + ctx.bias[:, None, :]
         probs = scores.float().softmax(dim=-1).to(x.dtype)
         out = torch.bmm(probs, cache[..., : self.rank])  # [K, nH, rank]
         out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
@@ -257,8 +257,8 @@ class MHAttention(nn.Module):
         self.cache[0][rows, :, ctx.pos] = k[:, :, 0]  # [K, n_kv, d]
         self.cache[1][rows, :, ctx.pos] = v[:, :, 0]
         keys, values = self.cache[0, :n, :, : ctx.length], self.cache[1, :n, :, : ctx.length]
-        mask = None if ctx.mask is None else ctx.mask[:, None, None, :]
-        return self._attend(q, keys, values, attn_mask=mask)
+        bias = None if ctx.bias is None else ctx.bias[:, None, None, :]
+        return self._attend(q, keys, values, attn_mask=bias)
 
 
 class MLP(nn.Module):
@@ -519,8 +519,10 @@ class DeepseekV2ForCausalLM(nn.Module):
         n = token.shape[0]
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
         span = self.max_seq + 1 if length is None else length
-        mask = None
+        bias = None
         if n > 1 or length is None:
-            mask = torch.arange(span, device=pos.device)[None, :] <= pos[:, None]
-        h = self._run(self.model.embed_tokens(token), Decode(cos, sin, pos, span, mask))
+            hidden = torch.arange(span, device=pos.device)[None, :] > pos[:, None]
+            bias = torch.zeros(hidden.shape, dtype=cos.dtype, device=pos.device)
+            bias = bias.masked_fill(hidden, float("-inf"))
+        h = self._run(self.model.embed_tokens(token), Decode(cos, sin, pos, span, bias))
         return self.logits(h[:, -1])
