@@ -131,6 +131,16 @@ def process_logits(
     return apply_top_p(scores, params.top_p)
 
 
+def exponential_noise(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """E ~ Exp(1) i.i.d. shaped like `like` [B, V], row i from generators[i]: -log(1 - U) of
+    uniform U in [0, 1) (inverse CDF; on CPU `uniform_` is ~4x faster than `exponential_`),
+    floored at the smallest normal float so that p / E is never 0 / 0."""
+    noise = torch.empty_like(like)
+    for row, generator in zip(noise, generators, strict=True):
+        row.uniform_(generator=generator)
+    return noise.neg_().log1p_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
 def sample(
     logits: torch.Tensor,
     seen: torch.Tensor,
@@ -164,10 +174,7 @@ def sample(
     picked = apply_top_k(picked, column(ks, torch.long), max(filtering, default=1))
     picked = apply_top_p(picked, column([p.top_p for p in rows], torch.float64))
     probs = picked.softmax(dim=-1)
-    noise = torch.empty_like(probs)
-    for row, i in enumerate(drawn):
-        noise[row].exponential_(1.0, generator=generators[i])
-    ids = (probs / noise).argmax(dim=-1)
+    ids = (probs / exponential_noise(probs, [generators[i] for i in drawn])).argmax(dim=-1)
     if len(drawn) == len(params):
         return ids
     return greedy.index_copy(0, torch.tensor(drawn, device=device), ids)
