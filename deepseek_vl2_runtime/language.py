@@ -176,20 +176,21 @@ class MLAttention(nn.Module):
 
     def decode(self, x: torch.Tensor, ctx: Decode) -> torch.Tensor:
         """x [K, 1, H]: one token for each of the first K slots (absorbed form: the query is
-        mapped into latent space, so each head is one row of a [nH, rank + rope] x
-        [rank + rope, S] product against the slot's latent cache, read in place)."""
+        mapped into latent space, so each head is one query of an attention over the slot's latent
+        cache, read in place)."""
         k = x.shape[0]
         q_nope, q_pe, kv = self._project(x, ctx.cos, ctx.sin)
         self.cache[torch.arange(k, device=x.device), ctx.pos] = kv[:, 0]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, : self.nope])  # absorb W_UK
-        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [K, nH, rank + rope]
-        cache = self.cache[:k, : ctx.length]  # [K, S, rank + rope]
-        scores = torch.bmm(q, cache.transpose(1, 2)) * self.scale  # [K, nH, S]
-        if ctx.bias is not None:
-            scores = scores + ctx.bias[:, None, :]
-        probs = scores.float().softmax(dim=-1).to(x.dtype)
-        out = torch.bmm(probs, cache[..., : self.rank])  # [K, nH, rank]
+        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)[:, None]  # [K, 1, nH, rank + rope]
+        # One fused SDPA call per row with the heads as its queries and the slot's cache as both
+        # keys and values (one key/value head): the cache is read once, not once for the scores
+        # and again for the values. The value side carries the rope columns along; they are cut.
+        cache = self.cache[:k, None, : ctx.length]  # [K, 1, S, rank + rope]
+        bias = None if ctx.bias is None else ctx.bias[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, cache, cache, attn_mask=bias, scale=self.scale)
+        out = out[:, 0, :, : self.rank]  # [K, nH, rank]
         out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
         return self.o_proj(out.reshape(k, 1, -1))
 
