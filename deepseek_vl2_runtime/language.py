@@ -30,12 +30,19 @@ from .config import LanguageConfig, required
 @dataclasses.dataclass(frozen=True)
 class Prefill:
     """Attention context of a prompt chunk: positions start..start+T-1 of cache slot `slot`.
-    cos/sin [1, T, rope]."""
+    cos/sin [1, T, rope]. `bias` [T, start+T] is 0 where position start+i sees key j
+    (j <= start+i), else -inf, built once per chunk for every layer; None for a first chunk
+    (start 0), which is square and causal (SDPA's is_causal flag)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     slot: int
     start: int
+    bias: torch.Tensor | None
+
+    def sdpa_mask(self) -> dict[str, Any]:
+        """The causal structure as SDPA arguments."""
+        return {"is_causal": True} if self.bias is None else {"attn_mask": self.bias}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +177,7 @@ class MLAttention(nn.Module):
             k.transpose(1, 2),
             v.transpose(1, 2),
             scale=self.scale,
-            **causal(ctx.start, t, x.device),
+            **ctx.sdpa_mask(),
         )[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(1, t, -1))
 
@@ -193,15 +200,6 @@ class MLAttention(nn.Module):
         out = out[:, 0, :, : self.rank]  # [K, nH, rank]
         out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
         return self.o_proj(out.reshape(k, 1, -1))
-
-
-def causal(start: int, t: int, device: torch.device) -> dict[str, Any]:
-    """SDPA arguments for T queries at positions start..start+T-1 over keys 0..start+T-1: the
-    square causal flag for a first chunk (flash kernel), else an explicit bottom-right mask."""
-    if start == 0:
-        return {"is_causal": True}
-    keys = torch.arange(start + t, device=device)
-    return {"attn_mask": keys[None, :] <= (start + torch.arange(t, device=device))[:, None]}
 
 
 class MHAttention(nn.Module):
@@ -243,13 +241,13 @@ class MHAttention(nn.Module):
 
     def prefill(self, x: torch.Tensor, ctx: Prefill) -> torch.Tensor:
         q, k, v = self._project(x, ctx.cos, ctx.sin)
-        t, end = x.shape[1], ctx.start + x.shape[1]
+        end = ctx.start + x.shape[1]
         self.cache[0, ctx.slot, :, ctx.start : end] = k[0]
         self.cache[1, ctx.slot, :, ctx.start : end] = v[0]
         if ctx.start:
             k = self.cache[0, ctx.slot : ctx.slot + 1, :, :end]
             v = self.cache[1, ctx.slot : ctx.slot + 1, :, :end]
-        return self._attend(q, k, v, **causal(ctx.start, t, x.device))
+        return self._attend(q, k, v, **ctx.sdpa_mask())
 
     def decode(self, x: torch.Tensor, ctx: Decode) -> torch.Tensor:
         q, k, v = self._project(x, ctx.cos, ctx.sin)
@@ -497,7 +495,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         if start + t > self.max_seq:
             raise ValueError(f"prompt of {start + t} tokens exceeds the cache of {self.max_seq}")
         span = slice(start, start + t)
-        ctx = Prefill(self.cos[None, span], self.sin[None, span], slot, start)
+        bias = None
+        if start:  # a later chunk sees the whole prefix and itself causally (bottom-right)
+            keys = torch.arange(start + t, device=embeds.device)
+            hidden = keys[None, :] > torch.arange(start, start + t, device=embeds.device)[:, None]
+            bias = torch.zeros(hidden.shape, dtype=embeds.dtype, device=embeds.device)
+            bias = bias.masked_fill(hidden, float("-inf"))
+        ctx = Prefill(self.cos[None, span], self.sin[None, span], slot, start, bias)
         return self._run(embeds, ctx)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
