@@ -19,16 +19,12 @@ import os
 import sys
 import time
 
-import torch
-
 from .engine import EngineConfig
 from .errors import CheckpointError, InputError
 from .grounding import draw_grounding, parse_grounding
 from .image_io import load_image
-from .pipeline import Pipeline
+from .pipeline import DTYPES, Pipeline
 from .sampling import SamplingParams
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,13 +1,16 @@
 """Benchmark: load, preprocessing, time to first token, decode speed and its memory-bandwidth bound.
 
-    python -m deepseek_vl2_runtime.bench (--weights DIR | --random small) --device cpu|cuda
-        [--dtype bfloat16|float32] [--threads N] [--seed N] [--compile] [--json]
+    python -m deepseek_vl2_runtime.bench (--weights DIR | --random small --tokenizer DIR)
+        --device cpu|cuda
+        [--dtype bfloat16|float16|float32] [--threads N] [--seed N] [--compile] [--json]
         [--image PATH ...] [--new-tokens N] [--repeats N]          # single stream (default)
         [--concurrency N,N,... [--concurrency-tokens MIN MAX]]     # concurrent requests
 
 `--random small` builds vl2-small's real shapes (reference spec §1.3) with seeded random weights
 drawn on the device, so the GPU path can be measured without a download; it is refused, before
-allocating, where the device cannot hold it. A table goes to stderr (stdout without --json);
+allocating, where the device cannot hold it. Its prompts are encoded by the production Pipeline
+with the tokenizer of `--tokenizer DIR` (vl2-small's or any checkpoint's).
+A table goes to stderr (stdout without --json);
 with --json the last stdout line is one JSON object:
   per image ("WxH" generated, "file:WxH" for --image): preprocess_ms, prompt_tokens,
     time_to_first_token_ms, ttft_breakdown_ms {preprocess, vision, prefill, sample, total};
@@ -71,12 +74,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .chat_template import Tokenizer
 from .config import LanguageConfig, VL2Config, required
 from .engine import Engine, EngineConfig, TokenStream
 from .image_io import load_image
-from .image_processing import TilingConfig, num_image_tokens, preprocess
+from .image_processing import TilingConfig
 from .model import DeepseekVL2
-from .pipeline import EncodedRequest, Pipeline, default_dtype
+from .pipeline import DTYPES, EncodedRequest, Pipeline, default_dtype
 from .random_weights import (  # noqa: F401 (re-exported: the benchmark's --random small)
     SMALL_CONFIG,
     available_bytes,
@@ -88,17 +92,11 @@ from .random_weights import (  # noqa: F401 (re-exported: the benchmark's --rand
 from .sampling import SamplingParams, sample
 
 T = TypeVar("T")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SIZES = ((384, 384), (640, 480), (1024, 768), (4032, 3024))
 JPEG_SIZE = (4032, 3024)
 DECODE_SIZE = (640, 480)
 BIG_IMAGE_PIXELS = 4_000_000
 PROMPT = "Describe this image."
-
-# Stand-in prompt ids for --random (vl2-small's tokenizer ids; the text ids are arbitrary):
-# BOS "<|User|>" ":" " " <image>*n "\n" text "\n" "\n" "<|Assistant|>" ":".
-BOS, USER, ASSISTANT, IMAGE, COLON, SPACE, NEWLINE = 100000, 100009, 100010, 100003, 25, 207, 185
-TEXT_IDS = (41800, 437, 3324, 13)
 
 # Quoted from /work/shared/golden/README.md ("Official code, float32, CPU, 1 torch thread").
 OFFICIAL_CPU_REFERENCE = {
@@ -197,15 +195,13 @@ def bench_engine(model: DeepseekVL2, compile: bool, max_batch: int) -> tuple[Eng
     return engine, (time.perf_counter() - start) if compile else None
 
 
-def load_weights(
-    path: str, device: torch.device, dtype: torch.dtype, compile: bool, max_batch: int = 1
+def runtime(
+    pipe: Pipeline, load_s: float, compile: bool, max_batch: int
 ) -> tuple[Runtime, VL2Config]:
-    sync(device)
-    start = time.perf_counter()
-    pipe = Pipeline.load(path, device, dtype, compile=False, engine=EngineConfig(max_batch=1))
-    sync(device)
-    load_s = time.perf_counter() - start
-    pipe.close()  # its engine stops at end-of-sentence; the benchmark's runs exactly N tokens
+    """The benchmark's runtime around a production Pipeline: its request encoder (chat
+    template, tokenizer, tiling) and, in place of its engine, which stops at end-of-sentence,
+    the same Engine with end-of-sentence ignored."""
+    pipe.close()
     engine, compile_s = bench_engine(pipe.model, compile, max_batch)
 
     def encode(images: Sequence[Image.Image], prompt: str = PROMPT) -> EncodedRequest:
@@ -214,42 +210,37 @@ def load_weights(
     return Runtime(pipe.model, engine, encode, load_s, compile_s), pipe.config
 
 
-def load_random(
-    device: torch.device, dtype: torch.dtype, compile: bool, seed: int, max_batch: int = 1
+def load_weights(
+    path: str, device: torch.device, dtype: torch.dtype, compile: bool, max_batch: int = 1
 ) -> tuple[Runtime, VL2Config]:
+    sync(device)
+    start = time.perf_counter()
+    pipe = Pipeline.load(path, device, dtype, compile=False, engine=EngineConfig(max_batch=1))
+    sync(device)
+    return runtime(pipe, time.perf_counter() - start, compile, max_batch)
+
+
+def load_random(
+    tokenizer_dir: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: bool,
+    seed: int,
+    max_batch: int = 1,
+) -> tuple[Runtime, VL2Config]:
+    """vl2-small's shapes with seeded random weights, served by a Pipeline whose tokenizer
+    comes from `tokenizer_dir` (vl2-small's own, or any checkpoint's: prompts are encoded by
+    the production chat template either way; only the text tokens' ids differ)."""
     config = small_config()
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
     sync(device)
     start = time.perf_counter()
     model = random_model(config, device, dtype, seed)
     sync(device)
     load_s = time.perf_counter() - start
     tiling = TilingConfig(config.candidate_resolutions, config.tokens_per_side)
-
-    def encode(images: Sequence[Image.Image], prompt: str = PROMPT) -> EncodedRequest:
-        batch = preprocess(images, tiling)
-        ids, mask = [BOS, USER, COLON, SPACE], [False] * 4
-        for crop in batch.crops:
-            n = num_image_tokens(crop, tiling.tokens_per_side)
-            ids += [IMAGE] * n + [NEWLINE]
-            mask += [True] * n + [False]
-        # Stand-in text ids: one per word and one for the final stop (PROMPT -> TEXT_IDS).
-        text = [TEXT_IDS[i % len(TEXT_IDS)] for i in range(len(prompt.split()) + 1)]
-        tail = [*text, NEWLINE, NEWLINE, ASSISTANT, COLON]
-        ids, mask = ids + tail, mask + [False] * len(tail)
-        return EncodedRequest(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            image_mask=torch.tensor(mask, dtype=torch.bool, device=device),
-            images=batch,
-        )
-
-    engine, compile_s = bench_engine(model, compile, max_batch)
-    return Runtime(model, engine, encode, load_s, compile_s), config
-
-
-def embed(model: DeepseekVL2, request: EncodedRequest) -> torch.Tensor:
-    """Mirrors Pipeline.embed: pixels to the device, vision + projector + layout + scatter."""
-    pixels = request.images.pixels.to(model.image_newline.device)
-    return model.embed(request.input_ids, request.image_mask, pixels, list(request.images.crops))
+    pipe = Pipeline(model, tokenizer, tiling, EngineConfig(max_batch=1))
+    return runtime(pipe, load_s, compile, max_batch)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -296,7 +287,7 @@ def first_token_stages(
     lm, device = rt.model.language, rt.device
     with torch.inference_mode():
         preprocess_ms, request = timed(lambda: rt.encode([image]), device)
-        vision_ms, embeds = timed(lambda: embed(rt.model, request), device)
+        vision_ms, embeds = timed(lambda: rt.engine.embed(request), device)
         # The engine is idle between runs: its cache slot 0 is free for a direct prefill.
         prefill_ms, logits = timed(lambda: lm.prefill(embeds), device)  # [1, V]
 
@@ -823,7 +814,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.weights:
         rt, config = load_weights(args.weights, device, dtype, args.compile, max_batch)
     else:
-        rt, config = load_random(device, dtype, args.compile, seed, max_batch)
+        rt, config = load_random(args.tokenizer, device, dtype, args.compile, seed, max_batch)
     try:
         if levels:
             answer_tokens = tuple(args.concurrency_tokens or ANSWER_TOKENS)
@@ -925,6 +916,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--random", choices=["small"], help="vl2-small shapes, seeded random weights"
     )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="with --random: a directory holding tokenizer.json (vl2-small's, or any checkpoint's)",
+    )
     parser.add_argument("--device", required=True, choices=["cpu", "cuda"])
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 cuda, fp32 cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -971,6 +967,8 @@ def levels(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if bool(args.random) != bool(args.tokenizer):
+        raise SystemExit("--random needs --tokenizer DIR (and --tokenizer goes with --random)")
     if args.concurrency:
         if args.image or args.new_tokens is not None or args.repeats is not None:
             raise SystemExit(

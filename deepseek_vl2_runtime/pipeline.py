@@ -45,6 +45,10 @@ MIN_TEMPERATURE = 1e-5
 MIN_REPETITION_PENALTY = 1e-5
 
 
+# The dtypes the runtime runs in, by name (CLI and benchmark flags).
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

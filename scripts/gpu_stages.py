@@ -162,11 +162,12 @@ def _bench(args: argparse.Namespace, device_argv: list[str], dry_argv: list[str]
     from deepseek_vl2_runtime import bench
     from deepseek_vl2_runtime.config import VL2Config
 
+    source = ["--random", "small", "--tokenizer", str(tokenizer_dir())]
     if args.dry_run:
         bench.small_config = lambda: VL2Config.from_dict(dry_config())
-        argv = ["--random", "small", "--device", "cpu", *dry_argv]
+        argv = [*source, "--device", "cpu", *dry_argv]
     else:
-        argv = ["--random", "small", "--device", "cuda", *device_argv]
+        argv = [*source, "--device", "cuda", *device_argv]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = bench.main([*argv, "--json"])

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from deepseek_vl2_runtime import Pipeline, SamplingParams, bench
 from deepseek_vl2_runtime.bench import SIZES, weights_bytes_per_token
+from deepseek_vl2_runtime.chat_template import Tokenizer
 from deepseek_vl2_runtime.config import VL2Config
 from deepseek_vl2_runtime.image_processing import num_image_tokens, select_best_resolution
 from deepseek_vl2_runtime.language import MoE
@@ -89,7 +90,7 @@ def test_random_small_refused_where_it_cannot_fit(small_on_meta, capsys):
     if available_bytes(cpu) >= estimate_bytes(small_on_meta, torch.float32):
         pytest.skip("this host could hold vl2-small in float32")
     with pytest.raises(SystemExit) as refused:  # before anything is allocated
-        bench.main(["--random", "small", "--device", "cpu", "--dtype", "float32", "--json"])
+        bench.main([*random_small(), "--device", "cpu", "--dtype", "float32", "--json"])
     message = str(refused.value.code)
     assert capsys.readouterr().out == ""
     assert message.startswith("--random small needs about")
@@ -162,9 +163,16 @@ def test_weights_bytes_of_the_tiny_checkpoint():
     )
 
 
+def random_small() -> list[str]:
+    """`--random small` with the tiny checkpoint's tokenizer (any tokenizer serves)."""
+    model_dir = tiny_checkpoint()
+    if model_dir is None:
+        pytest.skip("tiny checkpoint not available")
+    return ["--random", "small", "--tokenizer", str(model_dir)]
+
+
 def tiny_with_real_vocab() -> VL2Config:
-    """The tiny checkpoint's shapes with vl2-small's vocabulary, so the stand-in prompt ids of
-    --random (BOS 100000, <image> 100003, ...) are valid."""
+    """The tiny checkpoint's shapes with vl2-small's vocabulary."""
     model_dir = tiny_checkpoint()
     if model_dir is None:
         pytest.skip("tiny checkpoint not available")
@@ -194,9 +202,10 @@ def test_random_model_is_seeded_and_prepared():
 
 def test_random_run_in_process(monkeypatch, capsys):
     """The --random path end to end (vl2-small swapped for tiny shapes): random weights on the
-    device, stand-in prompt ids, the same measurements."""
+    device, prompts encoded by the production Pipeline with the given tokenizer, the same
+    measurements."""
     monkeypatch.setattr(bench, "small_config", tiny_with_real_vocab)
-    args = ["--random", "small", "--device", "cpu", "--threads", "1"]
+    args = [*random_small(), "--device", "cpu", "--threads", "1"]
     r, _ = run_bench(capsys, *args, "--new-tokens", "4", "--repeats", "1")
     assert r["source"] == "random:small"
     assert r["seeds"]["model_init"] == 0
@@ -205,7 +214,13 @@ def test_random_run_in_process(monkeypatch, capsys):
     assert list(r["time_to_first_token_ms"]) == SIZE_KEYS
     w, h = select_best_resolution((640, 480), small_config().candidate_resolutions)
     image_tokens = num_image_tokens((w // 384, h // 384), 14)
-    assert r["prompt_tokens"]["640x480"] == image_tokens + 13
+    # BOS, "<|User|>: ", the image's placeholders, "\nDescribe this image.\n\n<|Assistant|>:"
+    # in the given (tiny checkpoint's) tokenizer
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint())
+    text = tokenizer.encode("<|User|>: ") + tokenizer.encode(
+        "\nDescribe this image.\n\n<|Assistant|>:"
+    )
+    assert r["prompt_tokens"]["640x480"] == 1 + len(text) + image_tokens
     assert r["decode_intervals"] == 2
     assert r["decode_tokens_per_s"] > 0
     assert "official_cpu_reference" not in r
