@@ -59,8 +59,10 @@ schema: setup
 schema-check: setup
 	$(PYTHON) scripts/cog_schema.py --check
 
+# Every core (pytest-xdist): one module per worker at a time, longest first (tests/conftest.py).
+PARALLEL := -n auto --dist loadfile
 test: setup
-	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q
+	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q $(PARALLEL)
 
 # Markers: pyproject.toml [tool.pytest.ini_options]; tests/conftest.py marks server and soak tests.
 FAST := not server and not subprocess and not fuzz and not slow

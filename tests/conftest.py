@@ -55,6 +55,18 @@ SLOW_TESTS = {
     "tests/test_bench.py::test_smoke_run_on_the_tiny_checkpoint",
     "tests/test_bench.py::test_random_run_in_process",
 }
+# `make test` runs the modules on every core (pytest-xdist, one module per worker at a time:
+# --dist loadfile keeps each module's Cog server to one boot). Workers take modules in collection
+# order, so the longest go first (serial seconds on the 2-core machine), where they overlap
+# the rest instead of starting last and running alone.
+LONGEST_FIRST = (
+    "test_reliability.py",  # ~70 s
+    "test_real_width.py",  # ~50 s
+    "test_cache.py",  # ~45 s with a cold inductor cache (the compiled decode step)
+    "test_engine.py",  # ~40 s
+    "test_soak.py",  # ~37 s
+    "test_cog_server.py",  # ~32 s
+)
 _SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|call|check_call|check_output)\(")
 
 
@@ -88,3 +100,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.subprocess)
         if item.path.name in SLOW_MODULES or item.nodeid in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: modules stay whole
