@@ -689,7 +689,7 @@ def measure_concurrency(
         "image_side_px": list(MIX_SIDE_PX),
         "prompts": len(MIX_PROMPTS),
         "engine_slots": rt.engine.slots,
-        "prefill_chunk": rt.engine.config.prefill_chunk,
+        "prefill_chunk": rt.engine.prefill_chunk,
         "sampling": "product defaults, request i seeded with seed + i; end-of-sentence ignored",
         "consumer": "one thread, asyncio (Engine.submit(loop=...)); times are perf_counter at "
         "submit and when each id reaches its consumer",

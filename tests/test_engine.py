@@ -24,13 +24,18 @@ from golden import CASES, Golden, golden_inputs
 
 MARGIN, LOGIT_ATOL = 1e-3, 1e-4
 GREEDY = dict(temperature=0, repetition_penalty=1.0, seed=0)
+# The GPU's chunk: image prompts (400-2,000 tokens) are prefilled in 1-4 chunks, so the chunked
+# path runs inside every mix (the CPU's default chunk, 2,048, would take most in one).
+CHUNK = 512
 CASE_IDS = [c for c in CASES if golden_inputs(c)]
 
 
 @pytest.fixture(scope="module", params=CASE_IDS)
 def case(request):
     pipe = Pipeline.load(
-        CASES[request.param][0] / "model", device="cpu", engine=EngineConfig(max_batch=16)
+        CASES[request.param][0] / "model",
+        device="cpu",
+        engine=EngineConfig(max_batch=16, prefill_chunk=CHUNK),
     )
     requests = [
         pipe.encode(*Golden(request.param, i).request()) for i in golden_inputs(request.param)
@@ -144,7 +149,9 @@ def test_seeded_sampled_requests_equal_alone(case) -> None:
 @pytest.fixture(scope="module")
 def small():
     """The mla checkpoint with a cache of 2 slots."""
-    pipe = Pipeline.load(MLA_MODEL, device="cpu", engine=EngineConfig(max_batch=2))
+    pipe = Pipeline.load(
+        MLA_MODEL, device="cpu", engine=EngineConfig(max_batch=2, prefill_chunk=CHUNK)
+    )
     yield pipe
     pipe.close()
 
@@ -279,7 +286,7 @@ def test_a_long_prefill_runs_beside_the_decoding_streams(small) -> None:
     wait_for(lambda: len(arrivals) > 0)
     image = Image.new("RGB", (1280, 1280), (40, 120, 200))
     long = small.encode("<image>\nDescribe this image in detail.", [image])
-    chunks = -(-long.num_tokens // small.engine.config.prefill_chunk)
+    chunks = -(-long.num_tokens // small.engine.prefill_chunk)
     assert chunks >= 4
     submitted = time.monotonic()
     assert len(small.generate_ids(long, SamplingParams(max_new_tokens=1, **GREEDY))) == 1
