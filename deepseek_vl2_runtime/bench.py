@@ -4,7 +4,7 @@
         --device cpu|cuda
         [--dtype bfloat16|float16|float32] [--threads N] [--seed N] [--compile] [--json]
         [--image PATH ...] [--new-tokens N] [--repeats N]          # single stream (default)
-        [--concurrency N,N,... [--concurrency-tokens MIN MAX]]     # concurrent requests
+        [--concurrency N,N,... [--concurrency-tokens MIN MAX] [--rounds R]]  # concurrent
 
 `--random small` builds vl2-small's real shapes (reference spec §1.3) with seeded random weights
 drawn on the device, so the GPU path can be measured without a download; it is refused, before
@@ -49,6 +49,9 @@ admission), each {p50, p95} (numpy linear interpolation); "sequential" (the same
 at a time); speedup_vs_sequential (sequential wall / concurrent wall); steady_state_vs_lone and
 itl_p95_vs_lone (vs level 1); itl_p95_vs_sequential; peak_memory_mb (CUDA max_memory_allocated
 during the level; null on CPU); per_request. issue_10_targets judges level 8 when it is run.
+`--rounds R` repeats the sequential run and every level R times: "results" are then the medians
+over rounds of every figure (each round's ratios against that round's own lone stream and
+sequential run; per_request from round 1), "round_ratios" each round's three ratios per level.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -658,11 +661,31 @@ def issue_targets(level: dict) -> dict:
     }
 
 
+def median_of(rounds: Sequence) -> object:
+    """The per-round figures combined leaf by leaf: numbers -> their median (None when any
+    round has none: a window that did not occur every time); lists (per_request) -> the first
+    round's; everything else must agree."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in rounds]) for k in first}
+    if isinstance(first, list):
+        return first
+    if any(r is None for r in rounds):
+        return None
+    if isinstance(first, bool) or not isinstance(first, int | float):
+        return first
+    value = statistics.median(rounds)
+    return value if isinstance(first, float) else round(value)
+
+
 def measure_concurrency(
-    rt: Runtime, levels: Sequence[int], answer_tokens: tuple[int, int], seed: int
+    rt: Runtime, levels: Sequence[int], answer_tokens: tuple[int, int], seed: int, rounds: int = 1
 ) -> dict:
-    """Warm-up (the largest mix at once, short answers), the largest mix one request at a time
-    (each level's sequential figures are its first N requests of that run), then each level."""
+    """Warm-up (the largest mix at once, short answers), then `rounds` times: the largest mix one
+    request at a time (each level's sequential figures are its first N requests of that run),
+    then each level. A level's figures are the medians over rounds of each round's figures
+    (ratios included: each round's ratio is taken against that round's lone stream and
+    sequential run, so a machine whose speed drifts between rounds moves both sides)."""
     if rt.engine.slots < max(levels):
         raise SystemExit(
             f"the KV cache holds {rt.engine.slots} sequences; --concurrency {max(levels)} "
@@ -679,10 +702,14 @@ def measure_concurrency(
         for r in mix
     ]
     serve(rt.engine, short, concurrent=True)
-    alone = serve(rt.engine, mix, concurrent=False)
-    results: list[dict] = []
-    for n in levels:
-        results.append(measure_level(rt, mix[:n], alone[:n], results[0] if results else None))
+    by_round: list[list[dict]] = []
+    for _ in range(rounds):
+        alone = serve(rt.engine, mix, concurrent=False)
+        results: list[dict] = []
+        for n in levels:
+            results.append(measure_level(rt, mix[:n], alone[:n], results[0] if results else None))
+        by_round.append(results)
+    results = [cast("dict", median_of(level)) for level in zip(*by_round, strict=True)]
     out = {
         "levels": list(levels),
         "answer_tokens": list(answer_tokens),
@@ -695,7 +722,18 @@ def measure_concurrency(
         "submit and when each id reaches its consumer",
         "queue_note": QUEUE_NOTE,
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "rounds": rounds,
         "results": results,
+        "round_ratios": [
+            {
+                str(level["requests"]): {
+                    k: level[k]
+                    for k in ("speedup_vs_sequential", "steady_state_vs_lone", "itl_p95_vs_lone")
+                }
+                for level in results_of_round
+            }
+            for results_of_round in by_round
+        ],
     }
     if 8 in levels:
         out["issue_10_targets"] = issue_targets(results[levels.index(8)])
@@ -730,7 +768,8 @@ def format_concurrency(c: dict) -> list[str]:
     lines = [
         f"concurrency: N requests submitted at once (answers {lo}-{hi} tokens, end-of-sentence "
         f"ignored; images {c['image_side_px'][0]}-{c['image_side_px'][1]} px a side; "
-        f"{c['engine_slots']} engine slots; load average {c['load_average_1m']})",
+        f"{c['engine_slots']} engine slots; load average {c['load_average_1m']}; "
+        f"medians of {c['rounds']} round(s))",
         "x seq: the same N one at a time (seq s) / at once (wall s); steady: tokens/s while all "
         "N decode; x lone: vs level 1; ITL x seq: vs the same N one at a time; times in ms",
         "".join(f"{head:>{width}}" for head, width, _, _ in CONCURRENCY_COLUMNS),
@@ -743,6 +782,17 @@ def format_concurrency(c: dict) -> list[str]:
                 value = value[key]
             row.append(f"{'-' if value is None else format(value, fmt):>{width}}")
         lines.append("".join(row))
+    if c["rounds"] > 1:
+        for i, ratios in enumerate(c["round_ratios"], 1):
+            lines.append(
+                f"round {i}: "
+                + "; ".join(
+                    f"N={n} x seq {r['speedup_vs_sequential']} steady x lone "
+                    f"{r['steady_state_vs_lone']} ITL p95 x lone {r['itl_p95_vs_lone']}"
+                    for n, r in ratios.items()
+                    if n != "1"
+                )
+            )
     targets = c.get("issue_10_targets")
     if targets:
         goals = [(k, g) for k, g in targets.items() if k != "requests"]
@@ -818,7 +868,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         if levels:
             answer_tokens = tuple(args.concurrency_tokens or ANSWER_TOKENS)
-            measured = {"concurrency": measure_concurrency(rt, levels, answer_tokens, seed)}
+            measured = {
+                "concurrency": measure_concurrency(rt, levels, answer_tokens, seed, args.rounds)
+            }
             seeds = {"mix": seed, "sampling": seed}
         else:
             measured = measure_single(rt, config, args)
@@ -946,6 +998,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help=f"answer lengths of the concurrency mix (default {ANSWER_TOKENS[0]} {ANSWER_TOKENS[1]})",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="with --concurrency: times the sequential run and every level are measured "
+        "(figures: medians over rounds; default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="images, random weights, sampling")
     parser.add_argument("--compile", action="store_true", help="compiled decode step")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
@@ -978,9 +1036,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lo, hi = args.concurrency_tokens or ANSWER_TOKENS
         if not 2 <= lo <= hi:
             raise SystemExit("--concurrency-tokens needs 2 <= MIN <= MAX")
+        args.rounds = 1 if args.rounds is None else args.rounds
+        if args.rounds < 1:
+            raise SystemExit("--rounds must be >= 1")
     else:
-        if args.concurrency_tokens:
-            raise SystemExit("--concurrency-tokens goes with --concurrency")
+        if args.concurrency_tokens or args.rounds is not None:
+            raise SystemExit("--concurrency-tokens and --rounds go with --concurrency")
         args.new_tokens = 256 if args.new_tokens is None else args.new_tokens
         args.repeats = 5 if args.repeats is None else args.repeats
         if args.new_tokens < 3 or args.repeats < 1:

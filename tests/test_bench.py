@@ -330,6 +330,49 @@ def test_concurrency_run_on_the_tiny_checkpoint(monkeypatch, capsys):
     assert lone["per_request"][0]["image"] != pair["per_request"][1]["image"]
 
 
+def test_rounds_report_the_median_of_each_round(monkeypatch, capsys):
+    """--rounds 3: every level measured three times (each with its own sequential run); the
+    reported ratios are the middle value of the three rounds' ratios, each listed."""
+    model_dir = tiny_checkpoint()
+    if model_dir is None:
+        pytest.skip("tiny checkpoint not available")
+    monkeypatch.setattr(bench, "MIX_SIDE_PX", (256, 300))
+    args = ["--weights", str(model_dir), "--device", "cpu", "--threads", "1", "--concurrency"]
+    r, table = run_bench(capsys, *args, "2", "--concurrency-tokens", "3", "4", "--rounds", "3")
+    c = r["concurrency"]
+    assert c["rounds"] == 3
+    assert [list(round_) for round_ in c["round_ratios"]] == [["1", "2"]] * 3
+    pair = c["results"][1]
+    for key in ("speedup_vs_sequential", "steady_state_vs_lone", "itl_p95_vs_lone"):
+        values = [round_["2"][key] for round_ in c["round_ratios"]]
+        if None in values:
+            assert pair[key] is None
+        else:
+            assert pair[key] == sorted(values)[1]
+    assert "medians of 3 round(s)" in table
+    assert [line.split(":")[0] for line in table.splitlines() if line.startswith("round")] == [
+        "round 1",
+        "round 2",
+        "round 3",
+    ]
+
+
+def test_median_of_rounds():
+    rounds = [
+        {"n": 2, "wall_s": 3.0, "window": None, "per_request": ["a"], "name": "x"},
+        {"n": 2, "wall_s": 1.0, "window": 5.0, "per_request": ["b"], "name": "x"},
+        {"n": 4, "wall_s": 2.0, "window": 6.0, "per_request": ["c"], "name": "x"},
+    ]
+    assert bench.median_of(rounds) == {
+        "n": 2,
+        "wall_s": 2.0,
+        "window": None,  # not there in every round
+        "per_request": ["a"],
+        "name": "x",
+    }
+    assert bench.median_of([{"p": {"p50": 1.0}}, {"p": {"p50": 4.0}}]) == {"p": {"p50": 2.5}}
+
+
 def test_serving_figures_arithmetic():
     """The steady-state window runs from the last first id to the first last id."""
     traces = [bench.Trace(0.0, [1.0, 2.0, 3.0, 4.0]), bench.Trace(0.5, [2.5, 3.0, 3.5, 5.0])]
@@ -359,7 +402,9 @@ def test_issue_targets():
     [
         (["--concurrency", "2", "--new-tokens", "8"], "single-stream"),
         (["--concurrency", "2", "--image", "x.png"], "single-stream"),
-        (["--concurrency-tokens", "4", "8"], "goes with --concurrency"),
+        (["--concurrency-tokens", "4", "8"], "go with --concurrency"),
+        (["--rounds", "3"], "go with --concurrency"),
+        (["--concurrency", "2", "--rounds", "0"], "--rounds must be >= 1"),
         (["--concurrency", "2", "--concurrency-tokens", "9", "4"], "MIN <= MAX"),
     ],
 )
