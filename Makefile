@@ -67,7 +67,7 @@ test: setup
 # Markers: pyproject.toml [tool.pytest.ini_options]; tests/conftest.py marks server and soak tests.
 FAST := not server and not subprocess and not fuzz and not slow
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "$(FAST)"
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "$(FAST)"
 
 test-cog: setup
 	PATH="$(PY_BIN):$$PATH" $(PYTHON) -m pytest -q tests/test_cog_schema.py tests/test_cog_server.py \
