@@ -45,8 +45,8 @@ from cog import (
 )
 
 from deepseek_vl2_runtime.engine import EngineConfig
-from deepseek_vl2_runtime.errors import InputError
-from deepseek_vl2_runtime.hub import resolve_verified_weights
+from deepseek_vl2_runtime.errors import CheckpointError, InputError
+from deepseek_vl2_runtime.hub import ADVICE, resolve_weights
 from deepseek_vl2_runtime.image_io import load_image
 from deepseek_vl2_runtime.pipeline import Pipeline, TextStream
 from deepseek_vl2_runtime.sampling import SamplingParams
@@ -86,7 +86,7 @@ class Predictor(BasePredictor):
         return_freed_memory_to_the_os()
         install_cog_input_hooks()  # bounded URL-parse cache; safe URL downloads; upload registry
         start = time.perf_counter()
-        weights = resolve_verified_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
+        weights = resolve_weights()  # $DEEPSEEK_VL2_WEIGHTS > ./weights > HF download
         # Compiled decode on CUDA, eager on CPU (pipeline.default_compile), unless
         # DEEPSEEK_VL2_COMPILE=0/1 says otherwise.
         choice = os.environ.get("DEEPSEEK_VL2_COMPILE")
@@ -94,9 +94,12 @@ class Predictor(BasePredictor):
         # The engine holds as many sequences as coglet runs predictions at once (the image's
         # COG_MAX_CONCURRENCY comes from cog.yaml; `make serve` sets it on a bare host).
         slots = int(os.environ.get("COG_MAX_CONCURRENCY") or MAX_CONCURRENCY)
-        self.pipe = Pipeline.load(
-            weights, compile=compile_decode, engine=EngineConfig(max_batch=slots)
-        )
+        try:  # verifies the snapshot, then loads it strictly
+            self.pipe = Pipeline.load(
+                weights, compile=compile_decode, engine=EngineConfig(max_batch=slots)
+            )
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}\n{ADVICE}.") from exc
         log.info(
             "ready: %s on %s/%s in %.1f s",
             weights,

@@ -8,8 +8,8 @@ Precedence (first match wins):
    ``deepseek-ai/deepseek-vl2-small``) at ``$DEEPSEEK_VL2_REVISION`` (default ``main``) into
    ``./weights``, with progress bars. An interrupted download is resumed on the next start.
 
-``resolve_verified_weights()`` (what predict.py's setup calls) adds ``verify_snapshot`` and, on
-any failure, a message saying how to fix it. Only the files the runtime reads are fetched
+``ADVICE`` says how to fix a missing or broken snapshot (predict.py's setup adds it to a
+failed load; ``Pipeline.load`` verifies the snapshot once). Only the files the runtime reads are fetched
 (``*.json``, ``*.safetensors``). Nothing runs at import time; the download happens only when
 no local snapshot is found. ``python -m deepseek_vl2_runtime.hub`` (``make weights``) downloads.
 """
@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import CheckpointError
-from .weights import verify_snapshot
 
 log = logging.getLogger("deepseek_vl2_runtime")
 
@@ -79,18 +78,6 @@ def download_failure_reason(exc: BaseException) -> str:
     if has(ConnectionError, TimeoutError) or "Connect" in names or "Timeout" in names:
         return f"the Hugging Face Hub at {constants.ENDPOINT} could not be reached ({detail})"
     return detail or type(root).__name__
-
-
-def resolve_verified_weights(
-    local_dir: str | os.PathLike[str] = DEFAULT_LOCAL_DIR, env: Mapping[str, str] | None = None
-) -> Path:
-    """`resolve_weights`, then `weights.verify_snapshot`; a failure names the fix as well."""
-    path = resolve_weights(local_dir, env)
-    try:
-        verify_snapshot(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}\n{ADVICE}.") from exc
-    return path
 
 
 def _is_unfinished_download(local_dir: Path) -> bool:

@@ -223,7 +223,32 @@ def _setup_fails(monkeypatch, weights) -> str:
     return str(info.value)
 
 
-ADVICE = ["DEEPSEEK_VL2_WEIGHTS", "./weights"]
+ADVICE = ["DEEPSEEK_VL2_WEIGHTS", "./weights", "make weights"]
+
+
+def test_setup_verifies_the_snapshot_once(monkeypatch):
+    """setup() checks the snapshot's files once (Pipeline.load), then loads it."""
+    import sys
+
+    import deepseek_vl2_runtime.weights
+    from predict import Predictor
+
+    checked = []
+    real = deepseek_vl2_runtime.weights.verify_snapshot
+
+    def counted(path):
+        checked.append(path)
+        real(path)
+
+    for name, module in list(sys.modules.items()):  # every module's own reference to it
+        if name.startswith("deepseek_vl2_runtime") or name == "predict":
+            if getattr(module, "verify_snapshot", None) is real:
+                monkeypatch.setattr(module, "verify_snapshot", counted)
+    monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(MLA_MODEL))
+    predictor = Predictor()
+    predictor.setup()
+    predictor.pipe.close()
+    assert [str(p) for p in checked] == [str(MLA_MODEL)]
 
 
 def test_setup_with_an_empty_weights_dir_names_the_files_and_the_fix(tmp_path, monkeypatch):
