@@ -18,11 +18,11 @@ The prefill thread encodes each admitted request's images and fills its cache sl
 admission order, while the loop keeps decoding: a 2,000-token image prompt never stalls the
 running streams. On CUDA both threads issue work to the same stream, so the device interleaves
 them kernel by kernel and a chunk is the longest a decode step can wait behind prefill: 512
-tokens. On CPU the two threads run on different cores and a chunk delays nobody, so it is
-2,048 tokens: every later chunk attends over the cached prefix under an explicit mask, which
-SDPA computes in full, so smaller chunks cost more (a 2,028-token prompt on the tiny checkpoint:
-~105 ms in 512-token chunks, ~70 ms in one). The two never write the same
-cache entries: a slot being prefilled is an idle row of the decode batch, which writes only that
+tokens. On CPU the two threads run on different cores and a chunk delays nobody, so it is 2,048
+tokens: every later chunk attends over the cached prefix under an explicit mask, which SDPA
+computes in full, so smaller chunks cost more (a 2,028-token prompt on the tiny checkpoint:
+~105 ms in 512-token chunks, ~70 ms in one). The two threads never write the same cache
+entries: a slot being prefilled is an idle row of the decode batch, which writes only that
 slot's spare position.
 
 The engine knows nothing about text. Chunk boundaries are fixed multiples of `prefill_chunk`
@@ -69,9 +69,10 @@ PREFILL_CHUNK = {"cuda": 512, "cpu": 2048}
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """max_batch: sequences that run at once (the cache slots, at most); prefill_chunk: prompt
-    tokens per prefill chunk (default: PREFILL_CHUNK by device type); cache_bytes: KV cache budget (default: free device memory less
-    ACTIVATION_RESERVE_BYTES on CUDA; max_batch full contexts on CPU); compile: the decode
-    step through torch.compile (a CUDA graph per batch bucket on CUDA)."""
+    tokens per prefill chunk (default: PREFILL_CHUNK of the device type); cache_bytes: KV cache
+    budget (default: free device memory less ACTIVATION_RESERVE_BYTES on CUDA; max_batch full
+    contexts on CPU); compile: the decode step through torch.compile (a CUDA graph per batch
+    bucket on CUDA)."""
 
     max_batch: int = 32
     prefill_chunk: int | None = None

@@ -183,8 +183,8 @@ class MLAttention(nn.Module):
 
     def decode(self, x: torch.Tensor, ctx: Decode) -> torch.Tensor:
         """x [K, 1, H]: one token for each of the first K slots (absorbed form: the query is
-        mapped into latent space, so each head is one query of an attention over the slot's latent
-        cache, read in place)."""
+        mapped into latent space, so each head is one query of an attention over the slot's
+        latent cache, read in place)."""
         k = x.shape[0]
         q_nope, q_pe, kv = self._project(x, ctx.cos, ctx.sin)
         self.cache[torch.arange(k, device=x.device), ctx.pos] = kv[:, 0]
@@ -200,6 +200,15 @@ class MLAttention(nn.Module):
         out = out[:, 0, :, : self.rank]  # [K, nH, rank]
         out = torch.einsum("bhr,hvr->bhv", out, w[:, self.nope :])  # absorb W_UV
         return self.o_proj(out.reshape(k, 1, -1))
+
+
+def visibility_bias(last: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [R, span] for R queries over keys 0..span-1: 0 where key j is
+    visible to query r (j <= last[r]), -inf after. Built once per step or chunk; every layer
+    adds it."""
+    hidden = torch.arange(span, device=last.device)[None, :] > last[:, None]
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=last.device)
+    return bias.masked_fill(hidden, float("-inf"))
 
 
 class MHAttention(nn.Module):
@@ -497,10 +506,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         span = slice(start, start + t)
         bias = None
         if start:  # a later chunk sees the whole prefix and itself causally (bottom-right)
-            keys = torch.arange(start + t, device=embeds.device)
-            hidden = keys[None, :] > torch.arange(start, start + t, device=embeds.device)[:, None]
-            bias = torch.zeros(hidden.shape, dtype=embeds.dtype, device=embeds.device)
-            bias = bias.masked_fill(hidden, float("-inf"))
+            positions = torch.arange(start, start + t, device=embeds.device)
+            bias = visibility_bias(positions, start + t, embeds.dtype)
         ctx = Prefill(self.cos[None, span], self.sin[None, span], slot, start, bias)
         return self._run(embeds, ctx)
 
@@ -526,8 +533,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         span = self.max_seq + 1 if length is None else length
         bias = None
         if n > 1 or length is None:
-            hidden = torch.arange(span, device=pos.device)[None, :] > pos[:, None]
-            bias = torch.zeros(hidden.shape, dtype=cos.dtype, device=pos.device)
-            bias = bias.masked_fill(hidden, float("-inf"))
+            bias = visibility_bias(pos, span, cos.dtype)
         h = self._run(self.model.embed_tokens(token), Decode(cos, sin, pos, span, bias))
         return self.logits(h[:, -1])
