@@ -135,14 +135,21 @@ def process_logits(
     return apply_top_p(scores, params.top_p)
 
 
+def column(
+    values: list[float] | list[int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """One value per row as a [B, 1] device tensor (copied without waiting for the device)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
+
 def exponential_noise(
     like: torch.Tensor, generators: list[torch.Generator], lengths: list[int] | None = None
 ) -> torch.Tensor:
     """E ~ Exp(1) i.i.d. shaped like `like` [B, V], row i from generators[i]: -log(1 - U) of
     uniform U in [0, 1) (inverse CDF; on CPU `uniform_` is ~4x faster than `exponential_`),
     floored at the smallest normal float so that p / E is never 0 / 0. With `lengths`, row i
-    draws only its first lengths[i] entries (the rest are 1): what a row draws depends on the
-    row alone, not on the width of the batch."""
+    draws only its first lengths[i] entries (the rest are +inf: p / E = 0 there): what a row
+    draws depends on the row alone, not on the width of the batch."""
     noise = torch.ones_like(like) if lengths is not None else torch.empty_like(like)
     for i, (row, generator) in enumerate(zip(noise, generators, strict=True)):
         (row if lengths is None else row[: lengths[i]]).uniform_(generator=generator)
@@ -165,8 +172,9 @@ def draw_among_top_k(
     the row alone, not on the batch."""
     kmax = max(ks)
     values, ids = scores.topk(kmax)  # [B, kmax], logit descending
-    k = torch.tensor(ks, dtype=torch.long).to(scores.device, non_blocking=True)[:, None]
-    threshold = values.gather(1, k - 1)  # [B, 1]: the k-th logit
+    threshold = values.gather(
+        1, column(ks, torch.long, scores.device) - 1
+    )  # [B, 1]: the k-th logit
     survivors = (scores >= threshold).sum(-1).tolist()  # a host sync: rows choose their path
     here = [n == row_k for n, row_k in zip(survivors, ks, strict=True)]
     ids, order = ids.sort(dim=-1)  # canonical order: id ascending, then a stable sort by logit
@@ -204,8 +212,8 @@ def draw(
     if full:
         rows = torch.tensor(full, device=device)
         row_ks = [ks[i] for i in full]
-        k = torch.tensor(row_ks, dtype=torch.long).to(device, non_blocking=True)[:, None]
         filtering = [v for v in row_ks if 0 < v < vocab]
+        k = column(row_ks, torch.long, device)
         kept = apply_top_k(scores[rows], k, max(filtering, default=1))
         probs = apply_top_p(kept, top_p[rows]).softmax(dim=-1)
         ids[rows] = (probs / exponential_noise(probs, [generators[i] for i in full])).argmax(-1)
@@ -228,18 +236,15 @@ def sample(
     """
     device = logits.device
 
-    def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
-
-    penalty = column([p.repetition_penalty for p in params], logits.dtype)
+    penalty = column([p.repetition_penalty for p in params], logits.dtype, device)
     scores = apply_repetition_penalty(logits, seen, penalty)
     drawn = [i for i, p in enumerate(params) if p.temperature != 0]
     if not drawn:
         return scores.argmax(dim=-1)
     rows = [params[i] for i in drawn]
     picked = scores[drawn] if len(drawn) < len(params) else scores
-    picked = apply_temperature(picked, column([p.temperature for p in rows], logits.dtype))
-    top_p = column([p.top_p for p in rows], torch.float64)
+    picked = apply_temperature(picked, column([p.temperature for p in rows], logits.dtype, device))
+    top_p = column([p.top_p for p in rows], torch.float64, device)
     ids = draw(picked, [p.top_k for p in rows], top_p, [generators[i] for i in drawn])
     if len(drawn) == len(params):
         return ids
